@@ -39,8 +39,9 @@ def test_round_robin_rotates_among_ties() -> None:
     assert order == [0, 1, 2, 3, 0, 1, 2, 3]
 
 
-def test_pick_always_takes_a_least_loaded_node() -> None:
-    picker, nodes = _filled(5)
+@pytest.mark.parametrize("tie_break", ["round_robin", "random", "youngest"])
+def test_pick_always_takes_a_least_loaded_node(tie_break: str) -> None:
+    picker, nodes = _filled(5, tie_break)
     rng = random.Random(7)
     held: list[Node] = []
     for _ in range(5000):
@@ -140,3 +141,27 @@ def test_pick_touches_no_other_node(n: int) -> None:
     assert len({id(p) for p in picked}) == n // 2
     picker.check_invariants()
     assert len(picker._buckets) == 2
+
+
+def test_youngest_prefers_the_most_recently_picked_among_ties() -> None:
+    picker, nodes = _filled(4, "youngest")
+    a, b, c, d = (picker.pick() for _ in range(4))
+    assert [a, b, c, d] == nodes
+    # All at 1: the tie goes to the backend picked last.
+    assert picker.pick() is nodes[3]
+    picker.release(nodes[3])
+    # Released backends queue behind the ones that arrived by a pick.
+    picker.release(nodes[0])
+    assert picker.pick() is nodes[0]
+    picker.check_invariants()
+
+
+def test_youngest_rotates_when_calls_do_not_overlap() -> None:
+    picker, nodes = _filled(3, "youngest")
+    order = []
+    for _ in range(6):
+        node = picker.pick()
+        assert node is not None
+        order.append(nodes.index(node))
+        picker.release(node)
+    assert order == [0, 1, 2, 0, 1, 2]
