@@ -23,7 +23,7 @@ class SubChannel:
         on_connectivity: Callable[[grpc.ChannelConnectivity], None],
     ) -> None:
         self.address = address
-        merged = subchannel_options(options, address, secure=credentials is not None)
+        merged = subchannel_options(options, address)
         target = address.subchannel_target()
         if credentials is None:
             self.channel = grpc.insecure_channel(target, merged, compression)

@@ -48,7 +48,7 @@ class Address:
 
 
 def subchannel_options(
-    options: Sequence[tuple[str, Any]] | None, address: Address, *, secure: bool
+    options: Sequence[tuple[str, Any]] | None, address: Address
 ) -> list[tuple[str, Any]]:
     """The user's channel options plus what each backend's channel needs."""
     merged = list(options or ())
@@ -58,21 +58,12 @@ def subchannel_options(
     # its own, so its counts describe connections nothing else loads.
     if "grpc.use_local_subchannel_pool" not in given:
         merged.append(("grpc.use_local_subchannel_pool", 1))
-    if address.authority is not None:
-        # The channel's target is an IP, but :authority and TLS hostname
-        # verification must use the name the user asked for, as they would
-        # with grpcio's own dns resolver.
-        if "grpc.default_authority" not in given:
-            merged.append(("grpc.default_authority", address.authority))
-        if secure and "grpc.ssl_target_name_override" not in given:
-            merged.append(("grpc.ssl_target_name_override", _host_of(address.authority)))
+    # The channel dials an IP, but :authority and TLS hostname verification
+    # must use the name the user asked for, as with grpcio's dns resolver.
+    # C-core verifies the server certificate against the default authority.
+    if address.authority is not None and "grpc.default_authority" not in given:
+        merged.append(("grpc.default_authority", address.authority))
     return merged
-
-
-def _host_of(authority: str) -> str:
-    if authority.startswith("["):
-        return authority[1 : authority.index("]")]
-    return authority.rsplit(":", 1)[0] if authority.count(":") == 1 else authority
 
 
 @dataclass(frozen=True, slots=True)

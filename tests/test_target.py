@@ -43,13 +43,12 @@ def test_dns_names_keep_their_authority() -> None:
     target = parse_target("dns:///localhost:5001")
     address = Resolver(target).resolve().addresses[0]
     assert address.authority == "localhost:5001"
-    options = dict(subchannel_options(None, address, secure=True))
+    options = dict(subchannel_options(None, address))
     assert options["grpc.default_authority"] == "localhost:5001"
-    assert options["grpc.ssl_target_name_override"] == "localhost"
 
 
 def test_literal_addresses_get_no_authority_override() -> None:
-    options = dict(subchannel_options([("x", 1)], Address("127.0.0.1", 1), secure=True))
+    options = dict(subchannel_options([("x", 1)], Address("127.0.0.1", 1)))
     assert options == {"x": 1, "grpc.use_local_subchannel_pool": 1}
 
 
@@ -58,7 +57,6 @@ def test_user_options_win() -> None:
     options = subchannel_options(
         [("grpc.default_authority", "mine"), ("grpc.use_local_subchannel_pool", 0)],
         address,
-        secure=False,
     )
     assert dict(options) == {"grpc.default_authority": "mine", "grpc.use_local_subchannel_pool": 0}
 
