@@ -24,63 +24,92 @@ from typing import Any
 
 import grpc
 
-from ._balancer import Backend, Balancer
-from ._errors import FailedCall
-from ._picker import TIE_BREAKS, TieBreak
+from ._backoff import Backoff, ResolutionSchedule
+from ._balancer import Backend, Balancer, Health, log
+from ._errors import FailedCall, never_sent
+from ._picker import TieBreak
 from ._resolver import ResolutionError, Resolver
+from ._settings import (
+    DEFAULT_DRAIN_TIMEOUT,
+    DEFAULT_RESOLVE_MAX_INTERVAL,
+    DEFAULT_RESOLVE_MIN_INTERVAL,
+    Options,
+    Settings,
+    make_settings,
+)
 from ._subchannel import SubChannel
-from ._target import parse_target
+from ._target import Address
 
 _Backend = Backend[SubChannel]
-Options = Sequence[tuple[str, Any]] | None
+# A re-pick marks nothing; each attempt only skips the backends this RPC
+# already failed to reach. Bounded so a flapping fleet cannot loop a call.
+_MAX_REPICKS = 3
 
 
 class _Core:
-    """Balancer + lock + sub-channels: what the channel and its calls share."""
+    """Balancer + lock + sub-channels + timers: what the channel and its calls share."""
 
-    def __init__(
-        self,
-        target: str | Sequence[str],
-        *,
-        credentials: grpc.ChannelCredentials | None,
-        options: Options,
-        compression: grpc.Compression | None,
-        tie_break: TieBreak,
-        rng: random.Random | None,
-    ) -> None:
-        parsed = parse_target(target)
-        _check_tie_break(tie_break)
-        _check_options(options)
-        self.target = parsed.text
-        self._credentials = credentials
-        self._options = options
-        self._compression = compression
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.target = settings.target.text
         self._lock = threading.Lock()
-        # Waiters for a backend to become eligible (wait_for_ready).
-        self._eligible = threading.Condition(self._lock)
-        self._balancer: Balancer[SubChannel] = Balancer(parsed.text, tie_break=tie_break, rng=rng)
+        # Notified on every change that could make a backend eligible, and on
+        # close: calls waiting for a backend re-check then.
+        self._changed = threading.Condition(self._lock)
+        self._balancer: Balancer[SubChannel] = Balancer(
+            self.target,
+            tie_break=settings.tie_break,
+            rng=settings.rng,
+            health_checking=settings.health_check_service is not None,
+            drain_timeout=settings.drain_timeout,
+        )
+        self._health_backoff = Backoff(rng=settings.rng)
         self._subscribers: dict[Callable[[grpc.ChannelConnectivity], None], None] = {}
         self._reported_state: grpc.ChannelConnectivity | None = None
+        self._resolver = Resolver(settings.target)
         try:
-            resolution = Resolver(parsed).resolve()
+            resolution = self._resolver.resolve()
         except ResolutionError as exc:
             raise ValueError(str(exc)) from None
+        self._apply(resolution.addresses)
+        self._maintenance: _Maintenance | None = None
+        if settings.target.needs_dns:
+            schedule = ResolutionSchedule(
+                settings.resolve_min_interval, settings.resolve_max_interval, rng=settings.rng
+            )
+            schedule.resolved(resolution.ttl)
+            self._maintenance = _Maintenance(self, schedule)
+
+    def _apply(self, addresses: Sequence[Address]) -> None:
         with self._lock:
-            change = self._balancer.set_addresses(resolution.addresses)
+            if self._balancer.closed:
+                return
+            change = self._balancer.set_addresses(addresses)
             for backend in change.added:
                 self._open(backend)
+        self._close_leaves(change.to_close)
 
     def _open(self, backend: _Backend) -> None:
-        # A weak reference: the sub-channel's polling thread must not keep an
+        # Weak references: the sub-channel's threads must not keep an
         # abandoned channel alive.
-        report = functools.partial(_report_connectivity, weakref.ref(self), backend)
+        core = weakref.ref(self)
+        settings = self.settings
         backend.leaf = SubChannel(
             backend.address,
-            credentials=self._credentials,
-            options=self._options,
-            compression=self._compression,
-            on_connectivity=report,
+            credentials=settings.credentials,
+            options=settings.options,
+            compression=settings.compression,
+            health_check_service=settings.health_check_service,
+            health_backoff=self._health_backoff,
+            on_connectivity=functools.partial(_deliver, core, "_on_connectivity", backend),
+            on_health=functools.partial(_deliver, core, "_on_health", backend),
         )
+
+    @staticmethod
+    def _close_leaves(backends: Sequence[_Backend]) -> None:
+        for backend in backends:
+            if backend.leaf is not None:
+                backend.leaf.close()
 
     # -- hot path -------------------------------------------------------------
 
@@ -96,19 +125,21 @@ class _Core:
         with self._lock:
             drained = self._balancer.release(backend)
         if drained and backend.leaf is not None:
-            # Closing a channel from its own callback thread can block it; a
-            # drained backend has nothing left in flight, so close it aside.
+            # This may run in the sub-channel's own callback thread, which
+            # closing the channel would wait for: close it on another thread.
             threading.Thread(target=backend.leaf.close, daemon=True).start()
 
     def _wait_for_backend(self, wait_for_ready: bool | None, timeout: float | None) -> _Backend:
-        # Called with the lock held.
+        # Called with the lock held. Like a gRPC channel: calls queue while
+        # some backend is connecting, fail fast once none can serve, and with
+        # wait_for_ready wait for one until their deadline.
         balancer = self._balancer
-        if balancer.closed:
-            raise ValueError(f"Cannot invoke RPC: channel for {self.target!r} is closed")
-        if not wait_for_ready:
-            raise FailedCall(grpc.StatusCode.UNAVAILABLE, balancer.unavailable_details())
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
+            if balancer.closed:
+                raise ValueError(f"Cannot invoke RPC: channel for {self.target!r} is closed")
+            if not wait_for_ready and not balancer.starting:
+                raise FailedCall(grpc.StatusCode.UNAVAILABLE, balancer.unavailable_details())
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 raise FailedCall(
@@ -116,21 +147,41 @@ class _Core:
                     "deadline exceeded while waiting for a backend: "
                     + balancer.unavailable_details(),
                 )
-            self._eligible.wait(remaining)
-            if balancer.closed:
-                raise FailedCall(grpc.StatusCode.CANCELLED, f"channel {self.target!r} closed")
+            self._changed.wait(remaining)
             backend = balancer.pick()
             if backend is not None:
                 return backend
 
+    def repick(
+        self, failed: Sequence[_Backend], wait_for_ready: bool | None, deadline: float | None
+    ) -> _Backend:
+        """Another backend for an RPC that never reached ``failed`` (see never_sent)."""
+        with self._lock:
+            backend = self._balancer.pick_excluding(failed)
+        if backend is not None:
+            return backend
+        timeout = None if deadline is None else deadline - time.monotonic()
+        return self.acquire(wait_for_ready, timeout)
+
     # -- events ---------------------------------------------------------------
 
-    def on_connectivity(self, backend: _Backend, state: grpc.ChannelConnectivity) -> None:
+    def _on_connectivity(self, backend: _Backend, state: grpc.ChannelConnectivity) -> None:
         with self._lock:
             if backend.removed:
                 return
-            if self._balancer.set_connectivity(backend, state) and self._balancer.has_eligible:
-                self._eligible.notify_all()
+            self._balancer.set_connectivity(backend, state)
+            self._changed.notify_all()
+        if state is grpc.ChannelConnectivity.TRANSIENT_FAILURE and self._maintenance:
+            # The backend may be gone for good: ask DNS again, rate-limited.
+            self._maintenance.request_resolution()
+        self._report_state()
+
+    def _on_health(self, backend: _Backend, health: Health) -> None:
+        with self._lock:
+            if backend.removed:
+                return
+            self._balancer.set_health(backend, health)
+            self._changed.notify_all()
         self._report_state()
 
     def _report_state(self) -> None:
@@ -142,6 +193,29 @@ class _Core:
             subscribers = list(self._subscribers)
         for callback in subscribers:
             _call_subscriber(callback, state)
+
+    def resolve_now(self) -> float | None:
+        """Resolve the target and apply the answer (returns its TTL).
+
+        A failure, or an empty answer, keeps the last good set.
+        """
+        try:
+            resolution = self._resolver.resolve()
+        except ResolutionError as exc:
+            log.warning(
+                "re-resolution of %r failed, keeping the last good backends: %s", self.target, exc
+            )
+            raise
+        self._apply(resolution.addresses)
+        return resolution.ttl
+
+    def close_expired_drains(self) -> float | None:
+        """Close backends whose drain timed out; the next drain deadline, if any."""
+        with self._lock:
+            expired = self._balancer.expired_drains()
+            next_deadline = self._balancer.next_drain_deadline()
+        self._close_leaves(expired)
+        return next_deadline
 
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool
@@ -166,22 +240,65 @@ class _Core:
                 return
             backends = self._balancer.close()
             self._subscribers.clear()
-            self._eligible.notify_all()
-        for backend in backends:
-            if backend.leaf is not None:
-                backend.leaf.close()
+            self._changed.notify_all()
+        if self._maintenance is not None:
+            self._maintenance.stop()
+        self._close_leaves(backends)
 
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
 
 
-def _report_connectivity(
-    core_ref: weakref.ref[_Core], backend: _Backend, state: grpc.ChannelConnectivity
-) -> None:
+class _Maintenance:
+    """The channel's timer thread: DNS re-resolution and drain timeouts."""
+
+    def __init__(self, core: _Core, schedule: ResolutionSchedule) -> None:
+        self._schedule = schedule
+        self._wake = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(weakref.ref(core),),
+            name=f"grpc_leastconn resolver {core.target}",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def request_resolution(self) -> None:
+        self._schedule.request_early()
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped = True
+        self._wake.set()
+
+    def _run(self, core_ref: weakref.ref[_Core]) -> None:
+        wait = self._schedule.seconds_until_due()
+        while not self._stopped:
+            self._wake.wait(wait)
+            self._wake.clear()
+            core = core_ref()
+            if core is None or self._stopped:
+                return
+            if self._schedule.seconds_until_due() <= 0:
+                try:
+                    ttl = core.resolve_now()
+                except ResolutionError:
+                    self._schedule.failed()
+                else:
+                    self._schedule.resolved(ttl)
+            next_drain = core.close_expired_drains()
+            wait = self._schedule.seconds_until_due()
+            if next_drain is not None:
+                wait = min(wait, max(0.0, next_drain - time.monotonic()))
+            del core
+
+
+def _deliver(core_ref: weakref.ref[_Core], method: str, backend: _Backend, value: Any) -> None:
     core = core_ref()
     if core is not None:
-        core.on_connectivity(backend, state)
+        getattr(core, method)(backend, value)
 
 
 def _call_subscriber(
@@ -190,28 +307,7 @@ def _call_subscriber(
     try:
         callback(state)
     except Exception:
-        import logging
-
-        logging.getLogger("grpc_leastconn").exception("connectivity callback failed")
-
-
-def _check_tie_break(tie_break: object) -> None:
-    if not isinstance(tie_break, str):
-        raise TypeError(f"tie_break must be a str, not {type(tie_break).__name__}")
-    if tie_break not in TIE_BREAKS:
-        raise ValueError(f"tie_break must be one of {', '.join(TIE_BREAKS)}; got {tie_break!r}")
-
-
-def _check_options(options: object) -> None:
-    if options is None:
-        return
-    if not isinstance(options, (list, tuple)):
-        raise TypeError(
-            f"options must be a list of (name, value) pairs, not {type(options).__name__}"
-        )
-    for option in options:
-        if not (isinstance(option, tuple) and len(option) == 2 and isinstance(option[0], str)):
-            raise TypeError(f"each option must be a (str, value) pair; got {option!r}")
+        log.exception("connectivity callback failed")
 
 
 # -- calls ----------------------------------------------------------------------
@@ -355,6 +451,41 @@ class _MultiCallable:
         self._inner[backend] = inner
         return inner
 
+    def _blocking(
+        self,
+        with_call: bool,
+        repick: bool,
+        request: Any,
+        timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
+        wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
+    ) -> Any:
+        """A blocking call, released in ``finally``; re-picked if it never left."""
+        core = self._core
+        deadline = None if timeout is None else time.monotonic() + timeout
+        backend = core.acquire(wait_for_ready, timeout)
+        failed: list[_Backend] = []
+        while True:
+            inner = self._inner.get(backend) or self._build(backend)
+            try:
+                # wait_for_ready is ours to honour, at the pick: passed down, it
+                # would pin the RPC to this one backend until it came back.
+                return (inner.with_call if with_call else inner)(
+                    request, timeout, metadata, credentials, None, compression
+                )
+            except grpc.RpcError as error:
+                if not (repick and never_sent(error)) or len(failed) >= _MAX_REPICKS:
+                    raise
+            finally:
+                core.release(backend)
+            failed.append(backend)
+            log.debug("RPC never reached %s; re-picking", backend.key)
+            backend = core.repick(failed, wait_for_ready, deadline)
+            if deadline is not None:
+                timeout = max(0.0, deadline - time.monotonic())
+
     def _start_streaming(
         self, start: Callable[[Any], Any], wait_for_ready: bool | None, timeout: float | None
     ) -> Any:
@@ -385,13 +516,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):  # type: ignore
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        core = self._core
-        backend = core.acquire(wait_for_ready, timeout)
-        try:
-            inner = self._inner.get(backend) or self._build(backend)
-            return inner(request, timeout, metadata, credentials, wait_for_ready, compression)
-        finally:
-            core.release(backend)
+        return self._blocking(
+            False, True, request, timeout, metadata, credentials, wait_for_ready, compression
+        )
 
     def with_call(
         self,
@@ -402,15 +529,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):  # type: ignore
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        core = self._core
-        backend = core.acquire(wait_for_ready, timeout)
-        try:
-            inner = self._inner.get(backend) or self._build(backend)
-            return inner.with_call(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        finally:
-            core.release(backend)
+        return self._blocking(
+            True, True, request, timeout, metadata, credentials, wait_for_ready, compression
+        )
 
     def future(
         self,
@@ -422,9 +543,7 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):  # type: ignore
         compression: grpc.Compression | None = None,
     ) -> Any:
         return self._start_streaming(
-            lambda inner: inner.future(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            ),
+            lambda inner: inner.future(request, timeout, metadata, credentials, None, compression),
             wait_for_ready,
             timeout,
         )
@@ -444,9 +563,7 @@ class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):  # type: igno
         compression: grpc.Compression | None = None,
     ) -> Any:
         call = self._start_streaming(
-            lambda inner: inner(
-                request, timeout, metadata, credentials, wait_for_ready, compression
-            ),
+            lambda inner: inner(request, timeout, metadata, credentials, None, compression),
             wait_for_ready,
             timeout,
         )
@@ -466,15 +583,18 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):  # type: igno
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        core = self._core
-        backend = core.acquire(wait_for_ready, timeout)
-        try:
-            inner = self._inner.get(backend) or self._build(backend)
-            return inner(
-                request_iterator, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        finally:
-            core.release(backend)
+        # No re-pick: grpcio may already have consumed requests from the
+        # iterator, which cannot be replayed.
+        return self._blocking(
+            False,
+            False,
+            request_iterator,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+        )
 
     def with_call(
         self,
@@ -485,15 +605,16 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):  # type: igno
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> Any:
-        core = self._core
-        backend = core.acquire(wait_for_ready, timeout)
-        try:
-            inner = self._inner.get(backend) or self._build(backend)
-            return inner.with_call(
-                request_iterator, timeout, metadata, credentials, wait_for_ready, compression
-            )
-        finally:
-            core.release(backend)
+        return self._blocking(
+            True,
+            False,
+            request_iterator,
+            timeout,
+            metadata,
+            credentials,
+            wait_for_ready,
+            compression,
+        )
 
     def future(
         self,
@@ -506,7 +627,7 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):  # type: igno
     ) -> Any:
         return self._start_streaming(
             lambda inner: inner.future(
-                request_iterator, timeout, metadata, credentials, wait_for_ready, compression
+                request_iterator, timeout, metadata, credentials, None, compression
             ),
             wait_for_ready,
             timeout,
@@ -528,7 +649,7 @@ class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):  # type: ig
     ) -> Any:
         call = self._start_streaming(
             lambda inner: inner(
-                request_iterator, timeout, metadata, credentials, wait_for_ready, compression
+                request_iterator, timeout, metadata, credentials, None, compression
             ),
             wait_for_ready,
             timeout,
@@ -631,18 +752,32 @@ def insecure_channel(
     compression: grpc.Compression | None = None,
     *,
     tie_break: TieBreak = "round_robin",
+    health_check_service: str | None = "",
+    resolve_min_interval: float = DEFAULT_RESOLVE_MIN_INTERVAL,
+    resolve_max_interval: float = DEFAULT_RESOLVE_MAX_INTERVAL,
+    drain_timeout: float | None = DEFAULT_DRAIN_TIMEOUT,
     rng: random.Random | None = None,
 ) -> LeastConnChannel:
-    """A least-connection channel over plaintext connections."""
-    core = _Core(
-        target,
-        credentials=None,
-        options=options,
-        compression=compression,
-        tie_break=tie_break,
-        rng=rng,
+    """A least-connection channel over plaintext connections.
+
+    See the README for every option; ``secure_channel`` takes the same.
+    """
+    return LeastConnChannel(
+        _Core(
+            make_settings(
+                target,
+                credentials=None,
+                options=options,
+                compression=compression,
+                tie_break=tie_break,
+                rng=rng,
+                health_check_service=health_check_service,
+                resolve_min_interval=resolve_min_interval,
+                resolve_max_interval=resolve_max_interval,
+                drain_timeout=drain_timeout,
+            )
+        )
     )
-    return LeastConnChannel(core)
 
 
 def secure_channel(
@@ -652,6 +787,10 @@ def secure_channel(
     compression: grpc.Compression | None = None,
     *,
     tie_break: TieBreak = "round_robin",
+    health_check_service: str | None = "",
+    resolve_min_interval: float = DEFAULT_RESOLVE_MIN_INTERVAL,
+    resolve_max_interval: float = DEFAULT_RESOLVE_MAX_INTERVAL,
+    drain_timeout: float | None = DEFAULT_DRAIN_TIMEOUT,
     rng: random.Random | None = None,
 ) -> LeastConnChannel:
     """A least-connection channel over TLS (or other channel credentials)."""
@@ -659,12 +798,19 @@ def secure_channel(
         raise TypeError(
             f"credentials must be grpc.ChannelCredentials, not {type(credentials).__name__}"
         )
-    core = _Core(
-        target,
-        credentials=credentials,
-        options=options,
-        compression=compression,
-        tie_break=tie_break,
-        rng=rng,
+    return LeastConnChannel(
+        _Core(
+            make_settings(
+                target,
+                credentials=credentials,
+                options=options,
+                compression=compression,
+                tie_break=tie_break,
+                rng=rng,
+                health_check_service=health_check_service,
+                resolve_min_interval=resolve_min_interval,
+                resolve_max_interval=resolve_max_interval,
+                drain_timeout=drain_timeout,
+            )
+        )
     )
-    return LeastConnChannel(core)

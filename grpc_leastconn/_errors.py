@@ -89,3 +89,23 @@ class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[type-ar
 
     def __next__(self) -> NoReturn:
         raise self
+
+
+# C-core's details when a sub-channel's own load-balancing pick fails
+# (pick_first and round_robin): the RPC never got a stream, so the request
+# never left this process.
+_PICK_FAILURES = ("failed to connect to all addresses", "connections to all backends failing")
+
+
+def never_sent(error: grpc.RpcError) -> bool:
+    """True when the RPC failed before any byte reached the backend.
+
+    Only then is it safe to send the same request to another backend: a
+    failure after the stream started (reset, GOAWAY, server crash) may have
+    been processed, and is left to the caller.
+    """
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    if not callable(code) or not callable(details):
+        return False
+    return code() is grpc.StatusCode.UNAVAILABLE and str(details() or "").startswith(_PICK_FAILURES)

@@ -9,6 +9,7 @@ Python list or tuple of ``"host:port"`` strings is accepted too.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -63,7 +64,35 @@ def subchannel_options(
     # C-core verifies the server certificate against the default authority.
     if address.authority is not None and "grpc.default_authority" not in given:
         merged.append(("grpc.default_authority", address.authority))
-    return merged
+    # Reconnect within seconds of a backend's return; gRPC's default
+    # backoff ceiling is 120 s.
+    if "grpc.max_reconnect_backoff_ms" not in given:
+        merged.append(("grpc.max_reconnect_backoff_ms", 10_000))
+    return [with_reconnecting_policy(option) for option in merged] + (
+        [] if "grpc.service_config" in given else [("grpc.service_config", _LEAF_SERVICE_CONFIG)]
+    )
+
+
+# round_robin over the one address: after a disconnect it reconnects by
+# itself with backoff, where pick_first would go IDLE and wait for a call
+# that least-connection will never send to a backend that is not READY.
+_LEAF_POLICY: list[dict[str, Any]] = [{"round_robin": {}}]
+_LEAF_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": _LEAF_POLICY})
+
+
+def with_reconnecting_policy(option: tuple[str, Any]) -> tuple[str, Any]:
+    name, value = option
+    if name != "grpc.service_config":
+        return option
+    try:
+        config = json.loads(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"option grpc.service_config is not valid JSON: {exc}") from None
+    if not isinstance(config, dict):
+        raise ValueError("option grpc.service_config must be a JSON object")
+    if "loadBalancingConfig" in config or "loadBalancingPolicy" in config:
+        return option
+    return name, json.dumps({**config, "loadBalancingConfig": _LEAF_POLICY})
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 import grpc_leastconn
@@ -49,16 +51,47 @@ def test_dns_names_keep_their_authority() -> None:
 
 def test_literal_addresses_get_no_authority_override() -> None:
     options = dict(subchannel_options([("x", 1)], Address("127.0.0.1", 1)))
-    assert options == {"x": 1, "grpc.use_local_subchannel_pool": 1}
+    assert options == {
+        "x": 1,
+        "grpc.use_local_subchannel_pool": 1,
+        "grpc.max_reconnect_backoff_ms": 10_000,
+        "grpc.service_config": '{"loadBalancingConfig": [{"round_robin": {}}]}',
+    }
 
 
 def test_user_options_win() -> None:
     address = Address("127.0.0.1", 1, "name:1")
     options = subchannel_options(
-        [("grpc.default_authority", "mine"), ("grpc.use_local_subchannel_pool", 0)],
+        [
+            ("grpc.default_authority", "mine"),
+            ("grpc.use_local_subchannel_pool", 0),
+            ("grpc.max_reconnect_backoff_ms", 1),
+            ("grpc.service_config", '{"loadBalancingConfig": [{"pick_first": {}}]}'),
+        ],
         address,
     )
-    assert dict(options) == {"grpc.default_authority": "mine", "grpc.use_local_subchannel_pool": 0}
+    assert dict(options) == {
+        "grpc.default_authority": "mine",
+        "grpc.use_local_subchannel_pool": 0,
+        "grpc.max_reconnect_backoff_ms": 1,
+        "grpc.service_config": '{"loadBalancingConfig": [{"pick_first": {}}]}',
+    }
+
+
+def test_user_service_config_keeps_its_settings_and_gains_a_reconnecting_policy() -> None:
+    config = json.dumps({"methodConfig": [{"name": [{}], "timeout": "1s"}]})
+    options = dict(subchannel_options([("grpc.service_config", config)], Address("127.0.0.1", 1)))
+    assert json.loads(options["grpc.service_config"]) == {
+        "methodConfig": [{"name": [{}], "timeout": "1s"}],
+        "loadBalancingConfig": [{"round_robin": {}}],
+    }
+
+
+def test_malformed_service_config_is_refused() -> None:
+    with pytest.raises(ValueError, match=r"grpc\.service_config"):
+        grpc_leastconn.insecure_channel(
+            "127.0.0.1:5001", options=[("grpc.service_config", "{not json")]
+        )
 
 
 def test_dns_authority_names_the_dns_server() -> None:

@@ -1,0 +1,113 @@
+"""Channel settings shared by both front ends, validated once at construction.
+
+Bad input fails here, before anything connects, with a message that names
+the bad part (ValueError for a bad value, TypeError for a wrong type).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from ._picker import TIE_BREAKS, TieBreak
+from ._target import Target, parse_target, with_reconnecting_policy
+
+Options = Sequence[tuple[str, Any]] | None
+
+DEFAULT_RESOLVE_MIN_INTERVAL = 1.0
+DEFAULT_RESOLVE_MAX_INTERVAL = 30.0
+# Long enough for typical streams to end by themselves after a backend
+# leaves DNS (a rolling update); after it, remaining RPCs are cancelled.
+DEFAULT_DRAIN_TIMEOUT = 600.0
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    target: Target
+    credentials: grpc.ChannelCredentials | None
+    options: tuple[tuple[str, Any], ...]
+    compression: grpc.Compression | None
+    tie_break: TieBreak
+    rng: random.Random | None
+    health_check_service: str | None
+    resolve_min_interval: float
+    resolve_max_interval: float
+    drain_timeout: float | None
+
+
+def make_settings(
+    target: str | Sequence[str],
+    *,
+    credentials: grpc.ChannelCredentials | None,
+    options: Options,
+    compression: grpc.Compression | None,
+    tie_break: TieBreak,
+    rng: random.Random | None,
+    health_check_service: str | None,
+    resolve_min_interval: float,
+    resolve_max_interval: float,
+    drain_timeout: float | None,
+) -> Settings:
+    parsed = parse_target(target)
+    if not isinstance(tie_break, str):
+        raise TypeError(f"tie_break must be a str, not {type(tie_break).__name__}")
+    if tie_break not in TIE_BREAKS:
+        raise ValueError(f"tie_break must be one of {', '.join(TIE_BREAKS)}; got {tie_break!r}")
+    if rng is not None and not isinstance(rng, random.Random):
+        raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
+    if compression is not None and not isinstance(compression, grpc.Compression):
+        raise TypeError(f"compression must be a grpc.Compression, not {type(compression).__name__}")
+    if health_check_service is not None and not isinstance(health_check_service, str):
+        raise TypeError(
+            "health_check_service must be a str ('' = whole server) or None (off), "
+            f"not {type(health_check_service).__name__}"
+        )
+    min_interval = _seconds("resolve_min_interval", resolve_min_interval, positive=True)
+    max_interval = _seconds("resolve_max_interval", resolve_max_interval, positive=True)
+    if max_interval < min_interval:
+        raise ValueError(
+            f"resolve_max_interval ({max_interval:g}) is below "
+            f"resolve_min_interval ({min_interval:g})"
+        )
+    drain = None if drain_timeout is None else _seconds("drain_timeout", drain_timeout)
+    return Settings(
+        target=parsed,
+        credentials=credentials,
+        options=_check_options(options),
+        compression=compression,
+        tie_break=tie_break,
+        rng=rng,
+        health_check_service=health_check_service,
+        resolve_min_interval=min_interval,
+        resolve_max_interval=max_interval,
+        drain_timeout=drain,
+    )
+
+
+def _seconds(name: str, value: object, *, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    seconds = float(value)
+    if math.isnan(seconds) or math.isinf(seconds) or seconds < 0 or (positive and seconds == 0):
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be finite and {bound}; got {value!r}")
+    return seconds
+
+
+def _check_options(options: object) -> tuple[tuple[str, Any], ...]:
+    if options is None:
+        return ()
+    if not isinstance(options, (list, tuple)):
+        raise TypeError(
+            f"options must be a list of (name, value) pairs, not {type(options).__name__}"
+        )
+    for option in options:
+        if not (isinstance(option, tuple) and len(option) == 2 and isinstance(option[0], str)):
+            raise TypeError(f"each option must be a (str, value) pair; got {option!r}")
+        with_reconnecting_policy(option)  # a malformed service config fails now
+    return tuple(options)
