@@ -67,12 +67,13 @@ class _Core:
         self._subscribers: dict[Callable[[grpc.ChannelConnectivity], None], None] = {}
         self._reported_state: grpc.ChannelConnectivity | None = None
         self._resolver = Resolver(settings.target)
+        # Set before any sub-channel exists: their callbacks read it.
+        self._maintenance: _Maintenance | None = None
         try:
             resolution = self._resolver.resolve()
         except ResolutionError as exc:
             raise ValueError(str(exc)) from None
         self._apply(resolution.addresses)
-        self._maintenance: _Maintenance | None = None
         if settings.target.needs_dns:
             schedule = ResolutionSchedule(
                 settings.resolve_min_interval, settings.resolve_max_interval, rng=settings.rng
