@@ -59,7 +59,16 @@ _MAY_SERVE = frozenset({Health.DISABLED, Health.SERVING, Health.UNIMPLEMENTED})
 class Backend(Node, Generic[Leaf]):
     """One backend address, its in-flight count and its sub-channel."""
 
-    __slots__ = ("address", "connectivity", "drain_deadline", "health", "key", "leaf", "removed")
+    __slots__ = (
+        "address",
+        "connectivity",
+        "drain_deadline",
+        "health",
+        "key",
+        "leaf",
+        "removed",
+        "warned_unimplemented",
+    )
 
     def __init__(self, address: Address, health: Health) -> None:
         super().__init__()
@@ -70,6 +79,8 @@ class Backend(Node, Generic[Leaf]):
         self.removed = False
         self.drain_deadline: float | None = None
         self.leaf: Leaf | None = None
+        # Each new connection is watched anew; say it has no health service once.
+        self.warned_unimplemented = False
 
     @property
     def eligible(self) -> bool:
@@ -181,14 +192,16 @@ class Balancer(Generic[Leaf]):
         was_eligible = backend.eligible
         backend.health = health
         if health is Health.UNIMPLEMENTED:
-            log.warning(
-                "backend %s of %r has no grpc.health.v1 service: treated as healthy",
-                backend.key,
-                self.target,
-            )
+            if not backend.warned_unimplemented:
+                backend.warned_unimplemented = True
+                log.warning(
+                    "backend %s of %r has no grpc.health.v1 service: treated as healthy",
+                    backend.key,
+                    self.target,
+                )
         elif not health.may_serve and health is not Health.PENDING:
             log.warning("backend %s of %r is %s", backend.key, self.target, health.value)
-        elif health.may_serve and before not in (Health.PENDING, Health.DISABLED):
+        elif health is Health.SERVING and before not in (Health.PENDING, Health.DISABLED):
             log.info("backend %s of %r is %s again", backend.key, self.target, health.value)
         return self._refresh(backend, was_eligible)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import random
+import sys
 import threading
 import time
 import weakref
@@ -26,7 +27,19 @@ import grpc
 
 from ._backoff import Backoff, ResolutionSchedule
 from ._balancer import Backend, Balancer, Health, log
-from ._errors import FailedCall, never_sent
+from ._errors import FailedCall
+from ._frontend import (
+    MultiCallableBase,
+    Release,
+    deliver,
+    make_balancer,
+    may_repick,
+    next_wakeup,
+    no_backend,
+    resolution_schedule,
+    resolve_again,
+    resolve_initial,
+)
 from ._picker import TieBreak
 from ._resolver import ResolutionError, Resolver
 from ._settings import (
@@ -35,15 +48,13 @@ from ._settings import (
     DEFAULT_RESOLVE_MIN_INTERVAL,
     Options,
     Settings,
+    check_credentials,
     make_settings,
 )
 from ._subchannel import SubChannel
 from ._target import Address
 
 _Backend = Backend[SubChannel]
-# A re-pick marks nothing; each attempt only skips the backends this RPC
-# already failed to reach. Bounded so a flapping fleet cannot loop a call.
-_MAX_REPICKS = 3
 
 
 class _Core:
@@ -56,29 +67,17 @@ class _Core:
         # Notified on every change that could make a backend eligible, and on
         # close: calls waiting for a backend re-check then.
         self._changed = threading.Condition(self._lock)
-        self._balancer: Balancer[SubChannel] = Balancer(
-            self.target,
-            tie_break=settings.tie_break,
-            rng=settings.rng,
-            health_checking=settings.health_check_service is not None,
-            drain_timeout=settings.drain_timeout,
-        )
+        self._balancer: Balancer[SubChannel] = make_balancer(settings)
         self._health_backoff = Backoff(rng=settings.rng)
         self._subscribers: dict[Callable[[grpc.ChannelConnectivity], None], None] = {}
         self._reported_state: grpc.ChannelConnectivity | None = None
         self._resolver = Resolver(settings.target)
         # Set before any sub-channel exists: their callbacks read it.
         self._maintenance: _Maintenance | None = None
-        try:
-            resolution = self._resolver.resolve()
-        except ResolutionError as exc:
-            raise ValueError(str(exc)) from None
+        resolution = resolve_initial(self._resolver)
         self._apply(resolution.addresses)
-        if settings.target.needs_dns:
-            schedule = ResolutionSchedule(
-                settings.resolve_min_interval, settings.resolve_max_interval, rng=settings.rng
-            )
-            schedule.resolved(resolution.ttl)
+        schedule = resolution_schedule(settings, resolution)
+        if schedule is not None:
             self._maintenance = _Maintenance(self, schedule)
 
     def _apply(self, addresses: Sequence[Address]) -> None:
@@ -102,8 +101,8 @@ class _Core:
             compression=settings.compression,
             health_check_service=settings.health_check_service,
             health_backoff=self._health_backoff,
-            on_connectivity=functools.partial(_deliver, core, "_on_connectivity", backend),
-            on_health=functools.partial(_deliver, core, "_on_health", backend),
+            on_connectivity=functools.partial(deliver, core, "_on_connectivity", backend),
+            on_health=functools.partial(deliver, core, "_on_health", backend),
         )
 
     @staticmethod
@@ -139,15 +138,10 @@ class _Core:
         while True:
             if balancer.closed:
                 raise ValueError(f"Cannot invoke RPC: channel for {self.target!r} is closed")
-            if not wait_for_ready and not balancer.starting:
-                raise FailedCall(grpc.StatusCode.UNAVAILABLE, balancer.unavailable_details())
             remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise FailedCall(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    "deadline exceeded while waiting for a backend: "
-                    + balancer.unavailable_details(),
-                )
+            failure = no_backend(balancer, wait_for_ready, remaining)
+            if failure is not None:
+                raise FailedCall(*failure)
             self._changed.wait(remaining)
             backend = balancer.pick()
             if backend is not None:
@@ -200,13 +194,7 @@ class _Core:
 
         A failure, or an empty answer, keeps the last good set.
         """
-        try:
-            resolution = self._resolver.resolve()
-        except ResolutionError as exc:
-            log.warning(
-                "re-resolution of %r failed, keeping the last good backends: %s", self.target, exc
-            )
-            raise
+        resolution = resolve_again(self._resolver, self.target)
         self._apply(resolution.addresses)
         return resolution.ttl
 
@@ -247,6 +235,10 @@ class _Core:
         self._close_leaves(backends)
 
     def __del__(self) -> None:
+        # At interpreter exit grpcio's own threads are gone and closing a
+        # channel would wait for them forever; the process ends anyway.
+        if sys.is_finalizing():
+            return
         with contextlib.suppress(Exception):
             self.close()
 
@@ -258,6 +250,7 @@ class _Maintenance:
         self._schedule = schedule
         self._wake = threading.Event()
         self._stopped = False
+        self._resolving = False
         self._thread = threading.Thread(
             target=self._run,
             args=(weakref.ref(core),),
@@ -275,31 +268,36 @@ class _Maintenance:
         self._wake.set()
 
     def _run(self, core_ref: weakref.ref[_Core]) -> None:
-        wait = self._schedule.seconds_until_due()
+        wait: float | None = self._schedule.seconds_until_due()
         while not self._stopped:
             self._wake.wait(wait)
             self._wake.clear()
             core = core_ref()
             if core is None or self._stopped:
                 return
-            if self._schedule.seconds_until_due() <= 0:
-                try:
-                    ttl = core.resolve_now()
-                except ResolutionError:
-                    self._schedule.failed()
-                else:
-                    self._schedule.resolved(ttl)
+            if not self._resolving and self._schedule.seconds_until_due() <= 0:
+                # On a thread of its own: a DNS server that does not answer
+                # must not hold up drain deadlines.
+                self._resolving = True
+                threading.Thread(target=self._resolve, args=(core,), daemon=True).start()
             next_drain = core.close_expired_drains()
-            wait = self._schedule.seconds_until_due()
-            if next_drain is not None:
-                wait = min(wait, max(0.0, next_drain - time.monotonic()))
+            if self._resolving:
+                # _resolve wakes this loop when it is done.
+                wait = None if next_drain is None else max(0.0, next_drain - time.monotonic())
+            else:
+                wait = next_wakeup(self._schedule, next_drain)
             del core
 
-
-def _deliver(core_ref: weakref.ref[_Core], method: str, backend: _Backend, value: Any) -> None:
-    core = core_ref()
-    if core is not None:
-        getattr(core, method)(backend, value)
+    def _resolve(self, core: _Core) -> None:
+        try:
+            ttl = core.resolve_now()
+        except ResolutionError:
+            self._schedule.failed()
+        else:
+            self._schedule.resolved(ttl)
+        finally:
+            self._resolving = False
+            self._wake.set()
 
 
 def _call_subscriber(
@@ -312,21 +310,6 @@ def _call_subscriber(
 
 
 # -- calls ----------------------------------------------------------------------
-
-
-class _Release:
-    """Done callback that releases one RPC's count exactly once."""
-
-    __slots__ = ("_backend", "_core")
-
-    def __init__(self, core: _Core, backend: _Backend) -> None:
-        self._core = core
-        self._backend: _Backend | None = backend
-
-    def __call__(self, _call: object = None) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            self._core.release(backend)
 
 
 class _StreamingCall(grpc.Call, grpc.Future):  # type: ignore[type-arg]
@@ -413,44 +396,8 @@ class _StreamingCall(grpc.Call, grpc.Future):  # type: ignore[type-arg]
         call.add_done_callback(lambda _: fn(wrapper() or call))
 
 
-class _MultiCallable:
-    __slots__ = ("_core", "_deserializer", "_inner", "_method", "_registered", "_serializer")
-
-    _factory_name = ""
-
-    def __init__(
-        self,
-        core: _Core,
-        method: str,
-        request_serializer: Callable[[Any], bytes] | None,
-        response_deserializer: Callable[[bytes], Any] | None,
-        registered_method: bool | None,
-    ) -> None:
-        self._core = core
-        self._method = method
-        self._serializer = request_serializer
-        self._deserializer = response_deserializer
-        self._registered = registered_method
-        # The inner multicallable per backend, built on first use: grpcio
-        # stubs build theirs once, and so do we, once per backend.
-        self._inner: dict[_Backend, Any] = {}
-
-    def _build(self, backend: _Backend) -> Any:
-        assert backend.leaf is not None
-        factory = getattr(backend.leaf.channel, self._factory_name)
-        inner = factory(
-            self._method,
-            self._serializer,
-            self._deserializer,
-            _registered_method=self._registered,
-        )
-        if len(self._inner) > 64:
-            # Forget backends that are gone, so a changing backend set
-            # cannot grow this cache without bound.
-            for old in [b for b in self._inner if b.removed]:
-                del self._inner[old]
-        self._inner[backend] = inner
-        return inner
+class _MultiCallable(MultiCallableBase["_Core"]):
+    __slots__ = ()
 
     def _blocking(
         self,
@@ -469,7 +416,10 @@ class _MultiCallable:
         backend = core.acquire(wait_for_ready, timeout)
         failed: list[_Backend] = []
         while True:
-            inner = self._inner.get(backend) or self._build(backend)
+            if deadline is not None:
+                # Time spent waiting for a backend counts against the deadline.
+                timeout = max(0.0, deadline - time.monotonic())
+            inner = self._inner_for(backend)
             try:
                 # wait_for_ready is ours to honour, at the pick: passed down, it
                 # would pin the RPC to this one backend until it came back.
@@ -477,30 +427,36 @@ class _MultiCallable:
                     request, timeout, metadata, credentials, None, compression
                 )
             except grpc.RpcError as error:
-                if not (repick and never_sent(error)) or len(failed) >= _MAX_REPICKS:
+                if not (repick and may_repick(error, len(failed))):
                     raise
             finally:
                 core.release(backend)
             failed.append(backend)
             log.debug("RPC never reached %s; re-picking", backend.key)
             backend = core.repick(failed, wait_for_ready, deadline)
-            if deadline is not None:
-                timeout = max(0.0, deadline - time.monotonic())
 
     def _start_streaming(
-        self, start: Callable[[Any], Any], wait_for_ready: bool | None, timeout: float | None
+        self,
+        start: Callable[[Any, float | None], Any],
+        wait_for_ready: bool | None,
+        timeout: float | None,
     ) -> Any:
+        """A call released by its done callback; ``start(inner, timeout)`` begins it."""
         core = self._core
+        deadline = None if timeout is None else time.monotonic() + timeout
         try:
             backend = core.acquire(wait_for_ready, timeout)
         except FailedCall as failure:
             return failure
+        if deadline is not None:
+            # Time spent waiting for a backend counts against the deadline.
+            timeout = max(0.0, deadline - time.monotonic())
         try:
-            call = start(self._inner.get(backend) or self._build(backend))
+            call = start(self._inner_for(backend), timeout)
         except BaseException:
             core.release(backend)
             raise
-        call.add_done_callback(_Release(core, backend))
+        call.add_done_callback(Release(core, backend))
         return call
 
 
@@ -544,7 +500,9 @@ class _UnaryUnary(_MultiCallable, grpc.UnaryUnaryMultiCallable):  # type: ignore
         compression: grpc.Compression | None = None,
     ) -> Any:
         return self._start_streaming(
-            lambda inner: inner.future(request, timeout, metadata, credentials, None, compression),
+            lambda inner, timeout: inner.future(
+                request, timeout, metadata, credentials, None, compression
+            ),
             wait_for_ready,
             timeout,
         )
@@ -564,7 +522,9 @@ class _UnaryStream(_MultiCallable, grpc.UnaryStreamMultiCallable):  # type: igno
         compression: grpc.Compression | None = None,
     ) -> Any:
         call = self._start_streaming(
-            lambda inner: inner(request, timeout, metadata, credentials, None, compression),
+            lambda inner, timeout: inner(
+                request, timeout, metadata, credentials, None, compression
+            ),
             wait_for_ready,
             timeout,
         )
@@ -627,7 +587,7 @@ class _StreamUnary(_MultiCallable, grpc.StreamUnaryMultiCallable):  # type: igno
         compression: grpc.Compression | None = None,
     ) -> Any:
         return self._start_streaming(
-            lambda inner: inner.future(
+            lambda inner, timeout: inner.future(
                 request_iterator, timeout, metadata, credentials, None, compression
             ),
             wait_for_ready,
@@ -649,7 +609,7 @@ class _StreamStream(_MultiCallable, grpc.StreamStreamMultiCallable):  # type: ig
         compression: grpc.Compression | None = None,
     ) -> Any:
         call = self._start_streaming(
-            lambda inner: inner(
+            lambda inner, timeout: inner(
                 request_iterator, timeout, metadata, credentials, None, compression
             ),
             wait_for_ready,
@@ -795,10 +755,7 @@ def secure_channel(
     rng: random.Random | None = None,
 ) -> LeastConnChannel:
     """A least-connection channel over TLS (or other channel credentials)."""
-    if not isinstance(credentials, grpc.ChannelCredentials):
-        raise TypeError(
-            f"credentials must be grpc.ChannelCredentials, not {type(credentials).__name__}"
-        )
+    check_credentials(credentials)
     return LeastConnChannel(
         _Core(
             make_settings(

@@ -50,6 +50,9 @@ class HealthWatcher:
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._call: Any = None
+        # Set when the sub-channel leaves READY: the connection the last
+        # Watch ran on is gone.
+        self._connection_lost = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"grpc_leastconn health {name}", daemon=True
         )
@@ -61,6 +64,7 @@ class HealthWatcher:
             with self._lock:
                 if self._stopped.is_set():
                     return
+                self._connection_lost.clear()
                 self._call = call = self._watch(self._request, wait_for_ready=True)
             try:
                 for response in call:
@@ -72,17 +76,28 @@ class HealthWatcher:
             if self._stopped.is_set():
                 return
             if code is grpc.StatusCode.UNIMPLEMENTED:
+                # gRFC A17: no retry on this connection; the next one is
+                # watched again (the server may have been replaced).
                 self._on_health(Health.UNIMPLEMENTED)
-                return
+                self._connection_lost.wait()
+                if self._stopped.is_set():
+                    return
+                self._on_health(Health.PENDING)
+                continue
             # Until a new Watch answers, the backend's health is not known.
             self._on_health(Health.PENDING)
             if self._stopped.wait(self._backoff.delay(attempt)):
                 return
             attempt += 1
 
+    def connectivity_changed(self, state: grpc.ChannelConnectivity) -> None:
+        if state is not grpc.ChannelConnectivity.READY:
+            self._connection_lost.set()
+
     def stop(self) -> None:
         with self._lock:
             self._stopped.set()
+            self._connection_lost.set()
             call = self._call
         if call is not None:
             call.cancel()

@@ -110,8 +110,14 @@ class Resolver:
             except (dns.resolver.NoAnswer, dns.resolver.NXDOMAIN) as exc:
                 problems.append(exc.__class__.__name__)
                 continue
-            except dns.exception.DNSException as exc:
+            except dns.exception.Timeout as exc:
+                # The server is unreachable: the other type would time out too.
                 raise ResolutionError(f"{endpoint.host} via DNS server {server}: {exc}") from exc
+            except dns.exception.DNSException as exc:
+                # One record type failing (a server refusing AAAA) must not
+                # discard the other's answer, as with gRPC's own resolver.
+                problems.append(f"{dns.rdatatype.to_text(rdtype)}: {exc}")
+                continue
             if answer.rrset is not None:
                 ttls.append(float(answer.rrset.ttl))
             found.extend(

@@ -89,6 +89,14 @@ def make_settings(
     )
 
 
+def check_credentials(credentials: object) -> None:
+    """A secure channel's credentials (None is refused: that is an insecure channel)."""
+    if not isinstance(credentials, grpc.ChannelCredentials):
+        raise TypeError(
+            f"credentials must be grpc.ChannelCredentials, not {type(credentials).__name__}"
+        )
+
+
 def _seconds(name: str, value: object, *, positive: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")

@@ -13,6 +13,10 @@ from ._health import HealthWatcher
 from ._target import Address, subchannel_options
 
 
+def _ignore(state: grpc.ChannelConnectivity) -> None:
+    pass
+
+
 class SubChannel:
     """A backend's own grpc.Channel, reporting connectivity and health upward."""
 
@@ -35,10 +39,7 @@ class SubChannel:
             self.channel = grpc.insecure_channel(target, merged, compression)
         else:
             self.channel = grpc.secure_channel(target, credentials, merged, compression)
-        self._on_connectivity = on_connectivity
-        # try_to_connect: connect now, so the backend is READY before the
-        # first pick needs it.
-        self.channel.subscribe(on_connectivity, try_to_connect=True)
+        self._report_connectivity = on_connectivity
         self._health = (
             None
             if health_check_service is None
@@ -50,6 +51,22 @@ class SubChannel:
                 name=str(address),
             )
         )
+        # try_to_connect: connect now, so the backend is READY before the
+        # first pick needs it.
+        self.channel.subscribe(self._on_connectivity, try_to_connect=True)
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        # The health watcher first: a new connection must be watched anew.
+        if self._health is not None:
+            self._health.connectivity_changed(state)
+        if state is grpc.ChannelConnectivity.IDLE:
+            # An idle channel (grpc.client_idle_timeout_ms) waits for a call
+            # to reconnect, but calls only go to READY backends: ask for the
+            # connection. A subscription with try_to_connect is the public
+            # way; the connectivity poller acts on it within 0.2 s.
+            self.channel.subscribe(_ignore, try_to_connect=True)
+            self.channel.unsubscribe(_ignore)
+        self._report_connectivity(state)
 
     def close(self) -> None:
         if self._health is not None:

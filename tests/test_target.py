@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
@@ -173,10 +174,20 @@ def test_secure_channel_wants_channel_credentials() -> None:
 
 
 def test_public_surface_is_exact() -> None:
+    import grpc_leastconn.aio
+
     assert sorted(grpc_leastconn.__all__) == [
+        "LeastConnChannel",
+        "aio",
+        "insecure_channel",
+        "secure_channel",
+    ]
+    assert sorted(grpc_leastconn.aio.__all__) == [
         "LeastConnChannel",
         "insecure_channel",
         "secure_channel",
     ]
-    public = {name for name in vars(grpc_leastconn) if not name.startswith("_")}
-    assert public == set(grpc_leastconn.__all__)
+    for module in (grpc_leastconn, grpc_leastconn.aio):
+        public = {name for name in vars(module) if not name.startswith("_")}
+        assert public == set(module.__all__), module.__name__
+    assert isinstance(grpc_leastconn.aio, types.ModuleType)

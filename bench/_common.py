@@ -1,0 +1,97 @@
+"""Shared by the benchmark scripts: import paths, machine description, output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def setup_paths() -> None:
+    """Make grpc_leastconn and the example modules importable from a plain checkout.
+
+    The generated conference modules import each other as top-level modules,
+    so examples/ itself has to be on the path, not just the repository root.
+    """
+    for path in (ROOT, EXAMPLES):
+        if str(path) not in sys.path:
+            sys.path.insert(0, str(path))
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _ram_gib() -> float | None:
+    try:
+        with open("/proc/meminfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def load_average() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
+
+
+def machine() -> dict[str, Any]:
+    import grpc
+
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": _cpu_model(),
+        "ram_gib": _ram_gib(),
+        "python": platform.python_version(),
+        "grpcio": grpc.__version__,
+        "load_avg": load_average(),
+    }
+
+
+def print_machine(title: str) -> dict[str, Any]:
+    info = machine()
+    print(f"== {title}")
+    print(
+        f"   {info['nproc']} CPUs ({info['cpu']}), {info['ram_gib']} GiB RAM, "
+        f"Python {info['python']}, grpcio {info['grpcio']}, load avg {info['load_avg']}"
+    )
+    return info
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+
+    def line(row: Sequence[str]) -> str:
+        first = row[0].ljust(widths[0])
+        rest = (c.rjust(w) for c, w in zip(row[1:], widths[1:], strict=True))
+        return "  ".join([first, *rest]).rstrip()
+
+    out = [line(cells[0]), "  ".join("-" * w for w in widths)]
+    out += [line(row) for row in cells[1:]]
+    return "\n".join(out)
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The last line of every benchmark: one JSON object, for scripts to parse."""
+    print(json.dumps(summary, sort_keys=False), flush=True)

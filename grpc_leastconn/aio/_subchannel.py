@@ -1,0 +1,104 @@
+"""Sub-channel (asyncio): one real grpc.aio.Channel per backend address."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from .._backoff import Backoff
+from .._balancer import Health
+from .._settings import Settings
+from .._target import Address, subchannel_options
+from ._health import HealthWatcher
+
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+
+
+class SubChannel:
+    """A backend's own grpc.aio.Channel, reporting connectivity and health upward.
+
+    Both reports arrive from tasks on the loop that built it, so they need no
+    lock. Build it inside a coroutine.
+    """
+
+    def __init__(
+        self,
+        address: Address,
+        settings: Settings,
+        *,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] | None,
+        health_backoff: Backoff,
+        on_connectivity: Callable[[grpc.ChannelConnectivity], None],
+        on_health: Callable[[Health], None],
+    ) -> None:
+        self.address = address
+        options = subchannel_options(settings.options, address)
+        target = address.subchannel_target()
+        if settings.credentials is None:
+            self.channel = grpc.aio.insecure_channel(
+                target, options, settings.compression, interceptors
+            )
+        else:
+            self.channel = grpc.aio.secure_channel(
+                target, settings.credentials, options, settings.compression, interceptors
+            )
+        self._report_connectivity = on_connectivity
+        self._health = (
+            None
+            if settings.health_check_service is None
+            else HealthWatcher(
+                self.channel,
+                settings.health_check_service,
+                on_health,
+                backoff=health_backoff,
+                name=str(address),
+            )
+        )
+        self._watcher = asyncio.get_running_loop().create_task(
+            _watch_connectivity(self.channel, self._on_connectivity),
+            name=f"grpc_leastconn connectivity {address}",
+        )
+
+    def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
+        # The health watcher first: a new connection must be watched anew.
+        if self._health is not None:
+            self._health.connectivity_changed(state)
+        self._report_connectivity(state)
+
+    def connect(self) -> None:
+        self.channel.get_state(try_to_connect=True)
+
+    async def close(self, grace: float | None = None) -> None:
+        """Close the channel, cancelling its RPCs after ``grace``; stop reporting."""
+        if self._health is not None:
+            # Ended through its own loop, not cancelled: a cancelled task's
+            # traceback refers back to its frames, which would keep the
+            # Watch call, and with it the backend's connection, until a
+            # garbage collection.
+            self._health.stop()
+            await self._health.wait_stopped()
+        await self.channel.close(grace)
+        # Cancelled: grpc.aio reports SHUTDOWN to a watcher only once every
+        # call object of the channel is gone, and callers may hold theirs.
+        self._watcher.cancel()
+
+
+async def _watch_connectivity(
+    channel: grpc.aio.Channel, report: Callable[[grpc.ChannelConnectivity], None]
+) -> None:
+    # try_to_connect on every change: connect now, so the backend is READY
+    # before the first pick needs it, and reconnect at once after the channel
+    # goes IDLE (client idle timeout), since least-connection never sends a
+    # call to a backend that is not READY, which is what would wake it.
+    state = channel.get_state(try_to_connect=True)
+    while True:
+        report(state)
+        if state is _SHUTDOWN:
+            return
+        with contextlib.suppress(grpc.aio.UsageError):
+            # Raised once the channel is closed: its state is SHUTDOWN then.
+            await channel.wait_for_state_change(state)
+        state = channel.get_state(try_to_connect=True)

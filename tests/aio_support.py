@@ -1,0 +1,290 @@
+"""Utilities for the asyncio front end's tests.
+
+Each test is a plain function that runs one coroutine with ``run()``,
+bounded by ``asyncio.timeout``. Channels are built inside that coroutine,
+since a ``grpc_leastconn.aio`` channel belongs to the loop that built it.
+Backends are the in-process sync servers of ``conftest.py``.
+
+All tests share one event loop, as an application does. grpc.aio binds its
+completion queue to every loop it has seen, and an operation that completes
+after its loop closed (a call a test still referenced from a traceback,
+collected under the next test's loop) is reported as an error by that loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import contextlib
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
+from concurrent import futures
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import conference_pb2 as pb
+import conference_pb2_grpc
+import grpc
+
+import grpc_leastconn.aio
+
+T = TypeVar("T")
+
+TEST_TIMEOUT_S = 30.0
+RPC_TIMEOUT = 5.0
+# The promise for a dropped call, and the bound for a count to settle after
+# an RPC has ended (each end learns of it on its own).
+SETTLE_S = 1.0
+
+
+_runner: asyncio.Runner | None = None
+
+
+def run(body: Callable[[], Coroutine[Any, Any, T]], timeout: float = TEST_TIMEOUT_S) -> T:
+    """Run ``body()`` on the tests' event loop, failing it after ``timeout`` seconds."""
+    global _runner
+    if _runner is None:
+        _runner = asyncio.Runner()
+        atexit.register(_runner.close)
+
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await body()
+
+    return _runner.run(bounded())
+
+
+async def eventually(
+    predicate: Callable[[], T], timeout: float = RPC_TIMEOUT, message: str = ""
+) -> T:
+    """Poll a condition nothing notifies us about until it holds; return its value."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if loop.time() >= deadline:
+            raise AssertionError(f"not within {timeout:g}s: {message or predicate}: {value!r}")
+        await asyncio.sleep(0.005)
+
+
+async def server_until(servicer: Any, predicate: Callable[[Any], bool], timeout: float) -> bool:
+    """A servicer's blocking ``wait_until``, off the loop so client callbacks keep running."""
+    return bool(await asyncio.to_thread(servicer.wait_until, predicate, timeout))
+
+
+class Ledger:
+    """Every pick and release the channel makes, per backend."""
+
+    def __init__(self, channel: grpc_leastconn.aio.LeastConnChannel) -> None:
+        core = channel._core
+        self.picked: Counter[str] = Counter()
+        self.released: Counter[str] = Counter()
+        self.errors: list[str] = []
+        pick, pick_excluding, release = core.pick, core.pick_excluding, core.release
+
+        def counted(backend: Any) -> Any:
+            if backend is not None:
+                self.picked[backend.key] += 1
+            return backend
+
+        def counted_release(backend: Any) -> None:
+            self.released[backend.key] += 1
+            if self.released[backend.key] > self.picked[backend.key]:
+                self.errors.append(f"{backend.key}: released more often than picked")
+            release(backend)
+
+        # Instance attributes shadow the methods every call path goes through
+        # (acquire() picks through self.pick, done callbacks call core.release).
+        core.pick = lambda *args: counted(pick(*args))  # type: ignore[method-assign]
+        core.pick_excluding = lambda failed: counted(pick_excluding(failed))  # type: ignore[method-assign]
+        core.release = counted_release  # type: ignore[method-assign]
+
+    def check(self) -> None:
+        assert not self.errors, self.errors
+        assert self.picked == self.released, (self.picked, self.released)
+
+
+@dataclass
+class Cluster:
+    """A balanced aio channel over example backends, and both ends' counts."""
+
+    servers: list[Any]
+    channel: grpc_leastconn.aio.LeastConnChannel
+    stub: conference_pb2_grpc.ConferenceStub
+    ledger: Ledger
+
+    def client(self) -> dict[str, int]:
+        return self.channel.connection_table()
+
+    def server(self) -> dict[str, int]:
+        return {s.address: s.servicer.live for s in self.servers}
+
+    async def in_flight(self, total: int) -> dict[str, int]:
+        """Wait for ``total`` live handlers and the client's table to match them."""
+
+        def agreed() -> dict[str, int] | None:
+            server = self.server()
+            if sum(server.values()) != total or self.client() != server:
+                return None
+            return server
+
+        return await eventually(agreed, message=f"{total} in flight on both ends")
+
+    async def assert_idle(self) -> None:
+        for s in self.servers:
+            assert await server_until(s.servicer, lambda v: v.live == 0, SETTLE_S), s.address
+        await eventually(lambda: not any(self.client().values()), SETTLE_S, "client idle")
+        assert set(self.client()) == {s.address for s in self.servers}
+        for s in self.servers:
+            assert s.servicer.started == s.servicer.finished
+        self.ledger.check()
+
+    def cancelled(self) -> int:
+        return sum(s.servicer.cancelled for s in self.servers)
+
+
+@contextlib.asynccontextmanager
+async def balanced(servers: Sequence[Any], **kwargs: Any) -> AsyncIterator[Cluster]:
+    """A ready balanced channel over ``servers``; closed on exit."""
+    channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers], **kwargs)
+    try:
+        cluster = Cluster(
+            list(servers), channel, conference_pb2_grpc.ConferenceStub(channel), Ledger(channel)
+        )
+        await all_eligible(channel)
+        yield cluster
+    finally:
+        await channel.close()
+
+
+async def all_eligible(channel: grpc_leastconn.aio.LeastConnChannel) -> None:
+    balancer = channel._core._balancer
+    await eventually(lambda: all(b.eligible for b in balancer.backends), message="all eligible")
+
+
+def backend_of(channel: grpc_leastconn.aio.LeastConnChannel, address: str) -> Any:
+    (backend,) = [b for b in channel._core._balancer.backends if b.key == address]
+    return backend
+
+
+def endless_join(stub: conference_pb2_grpc.ConferenceStub, timeout: float = RPC_TIMEOUT) -> Any:
+    return stub.Join(pb.JoinRequest(duration_ms=0, frame_interval_ms=20), timeout=timeout)
+
+
+class RequestFeed:
+    """An async request iterator the test feeds one message at a time."""
+
+    _END = object()
+
+    def __init__(self, fail: bool = False) -> None:
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._fail = fail
+
+    def put(self, *messages: object) -> None:
+        for message in messages:
+            self._queue.put_nowait(message)
+
+    def close(self) -> None:
+        self._queue.put_nowait(self._END)
+
+    def __aiter__(self) -> AsyncIterator[Any]:
+        return self._messages()
+
+    async def _messages(self) -> AsyncIterator[Any]:
+        for _ in range(1000):
+            item = await self._queue.get()
+            if item is self._END:
+                if self._fail:
+                    raise RuntimeError("request iterator failed on purpose")
+                return
+            yield item
+
+
+# -- a backend that ends its RPCs with the status the request names -------------
+
+
+class FailingServicer:
+    """``/test.Failing/*`` over raw bytes: each RPC aborts with the code it names.
+
+    Unary ``Fail`` aborts at once; ``FailAfterOne`` streams one message first.
+    Counts its live handlers like the example servicer.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self.live = 0
+        self.started = 0
+        self.finished = 0
+
+    def wait_until(self, predicate: Callable[[FailingServicer], bool], timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self), timeout)
+
+    def _begin(self, context: grpc.ServicerContext) -> None:
+        with self._cond:
+            self.live += 1
+            self.started += 1
+            self._cond.notify_all()
+        ended = threading.Event()
+
+        def end() -> None:
+            with self._cond:
+                if not ended.is_set():
+                    ended.set()
+                    self.live -= 1
+                    self.finished += 1
+                    self._cond.notify_all()
+
+        if not context.add_callback(end):
+            end()
+
+    def fail(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._begin(context)
+        context.abort(grpc.StatusCode[request.decode()], "failed on purpose")
+
+    def fail_after_one(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._begin(context)
+        yield b"one"
+        context.abort(grpc.StatusCode[request.decode()], "failed on purpose")
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            "test.Failing",
+            {
+                "Fail": grpc.unary_unary_rpc_method_handler(self.fail),
+                "FailAfterOne": grpc.unary_stream_rpc_method_handler(self.fail_after_one),
+            },
+        )
+
+
+@dataclass
+class FailingBackend:
+    server: grpc.Server
+    address: str
+    servicer: FailingServicer
+    executor: futures.ThreadPoolExecutor
+
+    def stop(self) -> None:
+        self.server.stop(None).wait(10)
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def failing_backends(n: int) -> Iterator[list[FailingBackend]]:
+    started: list[FailingBackend] = []
+    try:
+        for _ in range(n):
+            servicer = FailingServicer()
+            executor = futures.ThreadPoolExecutor(max_workers=8)
+            server = grpc.server(executor, options=[("grpc.so_reuseport", 0)])
+            server.add_generic_rpc_handlers((servicer.handler(),))
+            port = server.add_insecure_port("127.0.0.1:0")
+            server.start()
+            started.append(FailingBackend(server, f"127.0.0.1:{port}", servicer, executor))
+        yield started
+    finally:
+        for backend in started:
+            backend.stop()
