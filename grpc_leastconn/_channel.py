@@ -427,7 +427,7 @@ class _MultiCallable(MultiCallableBase["_Core"]):
                     request, timeout, metadata, credentials, None, compression
                 )
             except grpc.RpcError as error:
-                if not (repick and may_repick(error, len(failed))):
+                if not (repick and may_repick(error, len(failed), backend)):
                     raise
             finally:
                 core.release(backend)

@@ -9,6 +9,8 @@ from typing import Any, NoReturn
 
 import grpc
 
+from ._target import Address
+
 
 class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[type-arg]
     """An RPC that failed before it started (no eligible backend, deadline).
@@ -97,15 +99,24 @@ class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[type-ar
 _PICK_FAILURES = ("failed to connect to all addresses", "connections to all backends failing")
 
 
-def never_sent(error: grpc.RpcError) -> bool:
-    """True when the RPC failed before any byte reached the backend.
+def never_sent(error: grpc.RpcError, address: Address) -> bool:
+    """True when the RPC failed before any byte of it reached ``address``.
 
     Only then is it safe to send the same request to another backend: a
     failure after the stream started (reset, GOAWAY, server crash) may have
-    been processed, and is left to the caller.
+    been processed, and is left to the caller. A backend can relay the same
+    words from its own upstream channel, so the details must also name the
+    sub-channel's own address, as C-core's "last error" does
+    ("...; last error: UNKNOWN: ipv4:10.0.0.7:50051: Connection refused").
     """
     code = getattr(error, "code", None)
     details = getattr(error, "details", None)
     if not callable(code) or not callable(details):
         return False
-    return code() is grpc.StatusCode.UNAVAILABLE and str(details() or "").startswith(_PICK_FAILURES)
+    text = str(details() or "")
+    if code() is not grpc.StatusCode.UNAVAILABLE or not text.startswith(_PICK_FAILURES):
+        return False
+    # C-core percent-encodes the brackets of an IPv6 target.
+    own = address.subchannel_target()
+    names = (f"{own}: ", f"{own.replace('[', '%5B').replace(']', '%5D')}: ")
+    return any(name in text for name in names)

@@ -117,13 +117,13 @@ def no_backend(
     return None
 
 
-def may_repick(error: grpc.RpcError, failed: int) -> bool:
-    """Whether an RPC that failed ``failed`` times may go to another backend.
+def may_repick(error: grpc.RpcError, failed: int, backend: Backend[Any]) -> bool:
+    """Whether an RPC that failed on ``backend``, ``failed`` times before, may go elsewhere.
 
     Only an RPC that never left this process (see never_sent) can be sent
     again without risk of running twice.
     """
-    return failed < MAX_REPICKS and never_sent(error)
+    return failed < MAX_REPICKS and never_sent(error, backend.address)
 
 
 class Release:

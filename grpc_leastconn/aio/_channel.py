@@ -582,9 +582,9 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                 try:
                     return await call
                 except grpc.aio.AioRpcError as error:
-                    if not may_repick(error, len(failed)):
+                    assert rpc.backend is not None
+                    if not may_repick(error, len(failed), rpc.backend):
                         raise
-                assert rpc.backend is not None
                 failed.append(rpc.backend)
                 log.debug("RPC never reached %s; re-picking", rpc.backend.key)
                 rpc.forget_call()
