@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import queue
 import random
 import sys
 import threading
@@ -71,6 +72,7 @@ class _Core:
         self._health_backoff = Backoff(rng=settings.rng)
         self._subscribers: dict[Callable[[grpc.ChannelConnectivity], None], None] = {}
         self._reported_state: grpc.ChannelConnectivity | None = None
+        self._deliveries: _Deliveries | None = None
         self._resolver = Resolver(settings.target)
         # Set before any sub-channel exists: their callbacks read it.
         self._maintenance: _Maintenance | None = None
@@ -107,9 +109,17 @@ class _Core:
 
     @staticmethod
     def _close_leaves(backends: Sequence[_Backend]) -> None:
-        for backend in backends:
-            if backend.leaf is not None:
-                backend.leaf.close()
+        leaves = [backend.leaf for backend in backends if backend.leaf is not None]
+        if len(leaves) == 1:
+            leaves[0].close()
+            return
+        # Side by side: each close waits up to 0.2 s for grpcio's connectivity
+        # poller, which would add up over many backends.
+        closers = [threading.Thread(target=leaf.close, daemon=True) for leaf in leaves]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join()
 
     # -- hot path -------------------------------------------------------------
 
@@ -185,9 +195,11 @@ class _Core:
             if state == self._reported_state:
                 return
             self._reported_state = state
-            subscribers = list(self._subscribers)
-        for callback in subscribers:
-            _call_subscriber(callback, state)
+            if self._deliveries is not None:
+                # Queued under the lock: subscribers see states in the order
+                # they happened.
+                for callback in self._subscribers:
+                    self._deliveries.put(callback, state)
 
     def resolve_now(self) -> float | None:
         """Resolve the target and apply the answer (returns its TTL).
@@ -209,11 +221,23 @@ class _Core:
     def subscribe(
         self, callback: Callable[[grpc.ChannelConnectivity], None], try_to_connect: bool
     ) -> None:
+        # Backends connect as soon as they are known, so try_to_connect has
+        # nothing left to ask for.
         with self._lock:
-            self._subscribers[callback] = None
+            if self._balancer.closed:
+                return
+            if self._deliveries is None:
+                self._deliveries = _Deliveries(self.target)
             state = self._balancer.aggregate_state()
-        # grpcio reports the current state at once, on another thread.
-        threading.Thread(target=_call_subscriber, args=(callback, state), daemon=True).start()
+            # A change not reported yet goes to everyone now, so nobody is
+            # left on a stale state; a new subscriber hears the current state
+            # at once, on another thread, as with grpcio.
+            if state != self._reported_state:
+                self._reported_state = state
+                for existing in self._subscribers:
+                    self._deliveries.put(existing, state)
+            self._subscribers[callback] = None
+            self._deliveries.put(callback, state)
 
     def unsubscribe(self, callback: Callable[[grpc.ChannelConnectivity], None]) -> None:
         with self._lock:
@@ -229,6 +253,8 @@ class _Core:
                 return
             backends = self._balancer.close()
             self._subscribers.clear()
+            if self._deliveries is not None:
+                self._deliveries.stop()
             self._changed.notify_all()
         if self._maintenance is not None:
             self._maintenance.stop()
@@ -300,13 +326,32 @@ class _Maintenance:
             self._wake.set()
 
 
-def _call_subscriber(
-    callback: Callable[[grpc.ChannelConnectivity], None], state: grpc.ChannelConnectivity
-) -> None:
-    try:
-        callback(state)
-    except Exception:
-        log.exception("connectivity callback failed")
+class _Deliveries:
+    """One thread that calls connectivity subscribers, in order, off our locks."""
+
+    def __init__(self, target: str) -> None:
+        self._queue: queue.SimpleQueue[
+            tuple[Callable[[grpc.ChannelConnectivity], None], grpc.ChannelConnectivity] | None
+        ] = queue.SimpleQueue()
+        threading.Thread(
+            target=self._run, name=f"grpc_leastconn subscribers {target}", daemon=True
+        ).start()
+
+    def put(
+        self, callback: Callable[[grpc.ChannelConnectivity], None], state: grpc.ChannelConnectivity
+    ) -> None:
+        self._queue.put((callback, state))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            callback, state = item
+            try:
+                callback(state)
+            except Exception:
+                log.exception("connectivity callback failed")
 
 
 # -- calls ----------------------------------------------------------------------
