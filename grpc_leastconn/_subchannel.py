@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +41,8 @@ class SubChannel:
         else:
             self.channel = grpc.secure_channel(target, credentials, merged, compression)
         self._report_connectivity = on_connectivity
+        self._closing_lock = threading.Lock()
+        self._closing = False
         self._health = (
             None
             if health_check_service is None
@@ -63,12 +66,17 @@ class SubChannel:
             # An idle channel (grpc.client_idle_timeout_ms) waits for a call
             # to reconnect, but calls only go to READY backends: ask for the
             # connection. A subscription with try_to_connect is the public
-            # way; the connectivity poller acts on it within 0.2 s.
-            self.channel.subscribe(_ignore, try_to_connect=True)
-            self.channel.unsubscribe(_ignore)
+            # way; the connectivity poller acts on it within 0.2 s. Never
+            # while closing: the poller would ask a closed channel and fail.
+            with self._closing_lock:
+                if not self._closing:
+                    self.channel.subscribe(_ignore, try_to_connect=True)
+                    self.channel.unsubscribe(_ignore)
         self._report_connectivity(state)
 
     def close(self) -> None:
+        with self._closing_lock:
+            self._closing = True
         if self._health is not None:
             self._health.stop()
         self.channel.unsubscribe(self._on_connectivity)
