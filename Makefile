@@ -26,3 +26,5 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/overhead.py
 	$(BIN)/python bench/pick_scaling.py
 	$(BIN)/python bench/balance.py
+	$(BIN)/python bench/aio_overhead.py
+	$(BIN)/python bench/aio_balance.py
