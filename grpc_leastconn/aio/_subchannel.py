@@ -14,6 +14,7 @@ from .._settings import Settings
 from .._target import Address, subchannel_options
 from ._health import HealthWatcher
 
+_READY = grpc.ChannelConnectivity.READY
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
 
@@ -101,4 +102,8 @@ async def _watch_connectivity(
         with contextlib.suppress(grpc.aio.UsageError):
             # Raised once the channel is closed: its state is SHUTDOWN then.
             await channel.wait_for_state_change(state)
-        state = channel.get_state(try_to_connect=True)
+        previous, state = state, channel.get_state(try_to_connect=True)
+        if previous is _READY and state is _READY:
+            # It left READY and reconnected before we looked: a new
+            # connection, whose server the health watcher must ask anew.
+            report(grpc.ChannelConnectivity.CONNECTING)
