@@ -347,8 +347,6 @@ class _Rpc:
         start: _Start,
         timeout: float | None,
         wait_for_ready: bool | None,
-        *,
-        background: bool,
     ) -> None:
         self._core = core
         self.loop = core.loop
@@ -377,7 +375,7 @@ class _Rpc:
             return
         if backend is not None:
             self._begin(backend)
-        elif background:
+        else:
             self._task = self.loop.create_task(self.wait_and_begin())
 
     @property
@@ -444,10 +442,11 @@ class _Rpc:
             self._end(error=exc)
         return self.call is not None
 
-    def forget_call(self) -> None:
-        """Before a re-pick: the failed attempt is over (and released)."""
+    def repick(self, failed: Sequence[_Backend]) -> None:
+        """Send the RPC again, away from ``failed``: its last attempt is over (and released)."""
         self.call = None
         self.backend = None
+        self._task = self.loop.create_task(self.wait_and_begin(failed))
 
     async def begun(self) -> Any:
         """The backend call once picked; None if the RPC ended before reaching one.
@@ -560,66 +559,94 @@ class _Call:
 
 
 class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
-    """A unary call, driven by a task that re-picks it while it never left.
+    """A unary call, re-picked by whoever awaits it while it never left.
 
-    Like grpc.aio's own unary calls it runs to its end even if the caller
-    drops it; its failure is raised where it is awaited, never logged.
+    Its backend call starts when it is made (or, with no backend eligible
+    yet, once one is), with no task of its own: a task per call would cost
+    more client CPU than the balancing itself. Only the awaiting coroutine
+    sees an attempt's error, so only an awaited call is re-picked; one
+    nobody awaits runs to its end on its first backend, like grpc.aio's own
+    unary calls, and its failure is raised where it is awaited, never logged.
     """
 
     def __init__(self, rpc: _Rpc) -> None:
         super().__init__(rpc)
-        self._error: BaseException | None = None
-        self._task = rpc.loop.create_task(self._drive())
+        # Backends this RPC never reached.
+        self._failed: list[_Backend] = []
+        # Coroutines awaiting the call: while there are some, they decide
+        # whether an attempt that ended is the last.
+        self._awaiting = 0
+        self._ended = False
+        self._ending: asyncio.Future[None] | None = None
+        self._callbacks: list[Callable[[Any], None]] = []
+        rpc.add_done_callback(self._attempt_done)
 
-    async def _drive(self) -> Any:
-        rpc = self._rpc
-        failed: list[_Backend] = []
-        try:
-            while True:
-                if rpc.call is None and not rpc.ended_early:
-                    await rpc.wait_and_begin(failed)
-                call = await rpc.started()
-                try:
-                    return await call
-                except grpc.aio.AioRpcError as error:
-                    assert rpc.backend is not None
-                    if not may_repick(error, len(failed), rpc.backend):
-                        raise
-                failed.append(rpc.backend)
-                log.debug("RPC never reached %s; re-picking", rpc.backend.key)
-                rpc.forget_call()
-        except Exception as exc:
-            self._error = exc
-            return None
+    def _attempt_done(self, call: Any) -> None:
+        if call is None or call.cancelled() or not self._awaiting:
+            self._end()
+
+    def _end(self) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        if self._ending is not None and not self._ending.done():
+            self._ending.set_result(None)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
 
     async def _settled(self) -> Any:
-        await asyncio.wait([self._task])
+        if not self._ended:
+            if self._ending is None:
+                self._ending = self._rpc.loop.create_future()
+            await asyncio.shield(self._ending)
         return self._rpc.call
 
     def __await__(self) -> Generator[Any, None, Any]:
-        response = yield from self._task.__await__()
-        if self._error is not None:
-            raise self._error
-        return response
+        rpc = self._rpc
+        self._awaiting += 1
+        try:
+            while True:
+                call = rpc.call
+                if call is None:
+                    call = yield from rpc.started().__await__()
+                try:
+                    response = yield from call.__await__()
+                except grpc.aio.AioRpcError as error:
+                    if rpc.call is not call:
+                        continue  # Another awaiter re-picked it.
+                    backend = rpc.backend
+                    assert backend is not None
+                    if self._ended or not may_repick(error, len(self._failed), backend):
+                        self._end()
+                        raise
+                else:
+                    self._end()
+                    return response
+                self._failed.append(backend)
+                log.debug("RPC never reached %s; re-picking", backend.key)
+                rpc.repick(self._failed)
+                rpc.add_done_callback(self._attempt_done)
+        finally:
+            self._awaiting -= 1
+            if not self._awaiting and rpc.done():
+                # Its awaiter gave up on an attempt that ended meanwhile.
+                self._end()
 
     def cancel(self) -> bool:
-        if self.done():
-            return False
-        self._rpc.cancel()
-        self._task.cancel()
-        return True
+        return not self.done() and self._rpc.cancel()
 
     def cancelled(self) -> bool:
-        return self._task.cancelled() or self._rpc.cancelled
+        return self._rpc.is_cancelled()
 
     def done(self) -> bool:
-        return self._task.done() or self._rpc.cancelled
+        return self._ended or self._rpc.cancelled
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        if self._task.done():
+        if self._ended:
             callback(self)
         else:
-            self._task.add_done_callback(lambda _: callback(self))
+            self._callbacks.append(callback)
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
         call = await self._rpc.begun()
@@ -632,11 +659,8 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
         return grpc.aio.Metadata() if call is None else await call.initial_metadata()
 
     async def wait_for_connection(self) -> None:
-        await asyncio.wait([self._task])
-        if self._task.cancelled():
-            raise asyncio.CancelledError()
-        if self._error is not None:
-            raise self._error
+        # grpc.aio's unary calls wait for the response here, and raise its error.
+        await self
 
 
 class _StreamingCall(_Call):
@@ -727,8 +751,6 @@ class _MultiCallable(MultiCallableBase[_Core]):
         credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
-        *,
-        background: bool,
     ) -> _Rpc:
         def start(inner: Any, remaining: float | None) -> Any:
             return inner(
@@ -739,7 +761,7 @@ class _MultiCallable(MultiCallableBase[_Core]):
                 compression=compression,
             )
 
-        return _Rpc(self._core, self, start, timeout, wait_for_ready, background=background)
+        return _Rpc(self._core, self, start, timeout, wait_for_ready)
 
 
 class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
@@ -756,10 +778,7 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _UnaryUnaryCall:
-        # Its own task waits for the pick, since it may pick again.
-        rpc = self._new_rpc(
-            request, timeout, metadata, credentials, wait_for_ready, compression, background=False
-        )
+        rpc = self._new_rpc(request, timeout, metadata, credentials, wait_for_ready, compression)
         return _UnaryUnaryCall(rpc)
 
 
@@ -777,9 +796,7 @@ class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _UnaryStreamCall:
-        rpc = self._new_rpc(
-            request, timeout, metadata, credentials, wait_for_ready, compression, background=True
-        )
+        rpc = self._new_rpc(request, timeout, metadata, credentials, wait_for_ready, compression)
         return _UnaryStreamCall(rpc)
 
 
@@ -799,13 +816,7 @@ class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
         # Never re-picked: grpc.aio may already have consumed requests from
         # the iterator, which cannot be replayed.
         rpc = self._new_rpc(
-            request_iterator,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-            background=True,
+            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
         return _StreamUnaryCall(rpc)
 
@@ -824,13 +835,7 @@ class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable[Any, Any]
         compression: grpc.Compression | None = None,
     ) -> _StreamStreamCall:
         rpc = self._new_rpc(
-            request_iterator,
-            timeout,
-            metadata,
-            credentials,
-            wait_for_ready,
-            compression,
-            background=True,
+            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
         return _StreamStreamCall(rpc)
 
