@@ -17,10 +17,11 @@ import asyncio
 import atexit
 import contextlib
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import conference_pb2 as pb
@@ -172,6 +173,50 @@ def backend_of(channel: grpc_leastconn.aio.LeastConnChannel, address: str) -> An
 
 def endless_join(stub: conference_pb2_grpc.ConferenceStub, timeout: float = RPC_TIMEOUT) -> Any:
     return stub.Join(pb.JoinRequest(duration_ms=0, frame_interval_ms=20), timeout=timeout)
+
+
+@dataclass
+class StreamTask:
+    """Reads one response stream to its end in a task of its own.
+
+    ``code`` is the call's final status: a call cancelled on the client side
+    (by the caller or by the channel closing its backend) raises
+    CancelledError from the read rather than an AioRpcError.
+    """
+
+    call: Any
+    frames: list[Any] = field(default_factory=list)
+    error: grpc.aio.AioRpcError | None = None
+    code: grpc.StatusCode | None = None
+    ended: float | None = None
+    task: asyncio.Task[None] | None = None
+
+    async def _run(self) -> None:
+        try:
+            async for frame in self.call:
+                self.frames.append(frame)
+        except grpc.aio.AioRpcError as error:
+            self.error = error
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+        self.code = await self.call.code()
+        self.ended = time.monotonic()
+
+    def start(self) -> StreamTask:
+        self.task = asyncio.get_running_loop().create_task(self._run())
+        return self
+
+    async def join(self, timeout: float) -> None:
+        assert self.task is not None
+        done, _ = await asyncio.wait({self.task}, timeout=timeout)
+        assert self.task in done, "stream did not end"
+        self.task.result()
+
+    async def backend(self) -> str:
+        await eventually(lambda: self.frames or self.ended, timeout=5.0)
+        return str(self.frames[0].backend) if self.frames else ""
 
 
 class RequestFeed:

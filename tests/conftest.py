@@ -34,6 +34,11 @@ from server import Backend  # noqa: E402
 TEARDOWN_GRACE_S = 0.5
 TEARDOWN_TIMEOUT_S = 10.0
 
+# Fixtures over real processes (dnsmasq, server subprocesses), here so that the
+# sync and the asyncio front ends' test modules share them.
+from dns_support import dns_server, fleet  # noqa: E402, F401
+from process_support import spawn  # noqa: E402, F401
+
 
 @pytest.fixture
 def backends() -> Iterator[BackendFactory]:

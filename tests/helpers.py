@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import inspect
+import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import grpc
 
 if TYPE_CHECKING:
+    import conference_pb2 as pb
     from server import Backend
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -68,3 +71,37 @@ def _describe(predicate: Callable[..., object]) -> str:
     # Long multi-line definitions are summarised by their first line.
     first_line = source.splitlines()[0]
     return first_line if len(first_line) <= 200 else first_line[:197] + "..."
+
+
+@dataclass
+class StreamReader:
+    """Reads one Join stream to its end on a thread."""
+
+    call: grpc.Call
+    frames: list[pb.Frame] = field(default_factory=list)
+    error: grpc.RpcError | None = None
+    ended: float | None = None
+    thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        try:
+            for frame in self.call:
+                self.frames.append(frame)
+        except grpc.RpcError as error:
+            self.error = error
+        self.ended = time.monotonic()
+
+    def start(self) -> StreamReader:
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        return self
+
+    def join(self, timeout: float) -> None:
+        assert self.thread is not None
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "stream did not end"
+
+    @property
+    def backend(self) -> str:
+        wait_until(lambda: self.frames or self.ended, timeout=5.0)
+        return self.frames[0].backend if self.frames else ""

@@ -8,149 +8,45 @@ elsewhere.
 
 from __future__ import annotations
 
-import json
 import logging
 import queue
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import conference_pb2 as pb
 import conference_pb2_grpc
 import grpc
 import pytest
-from helpers import ROOT, wait_until
+from helpers import StreamReader, wait_until
+from process_support import (
+    FAIL_FAST_WITHIN_S,
+    FAILURES_ALLOWED_FOR_S,
+    FRAME_MS,
+    LOAD_LIMIT_S,
+    LOAD_THREADS,
+    PICK_FAILURES,
+    RELEASE_WITHIN_S,
+    REUSE_WITHIN_S,
+    RPC_TIMEOUT,
+    STREAM_MS,
+    Outcome,
+    ServerProcess,
+    Watch,
+    eligible,
+    failures,
+    ipv4_target,
+)
 
 import grpc_leastconn
-
-SERVER_SCRIPT = ROOT / "examples" / "server.py"
-RPC_TIMEOUT = 5.0
-# A cold interpreter importing grpcio on a busy 2-core machine.
-SPAWN_TIMEOUT_S = 30.0
-SPAWN_ATTEMPTS = 5
-# The promises under test.
-FAILURES_ALLOWED_FOR_S = 1.0
-RELEASE_WITHIN_S = 2.0
-FAIL_FAST_WITHIN_S = 1.0
-REUSE_WITHIN_S = 15.0
-STREAM_MS = 5000
-FRAME_MS = 100
-LOAD_THREADS = 4
-LOAD_LIMIT_S = 30.0
-# C-core's details when a sub-channel has no connection to send on: what a
-# re-pick exists to hide.
-PICK_FAILURES = ("failed to connect to all addresses", "connections to all backends failing")
 
 READY = grpc.ChannelConnectivity.READY
 TRANSIENT_FAILURE = grpc.ChannelConnectivity.TRANSIENT_FAILURE
 
 
-# -- backend processes ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class ServerProcess:
-    """One ``examples/server.py`` process serving one backend on 127.0.0.1."""
-
-    port: int
-    proc: subprocess.Popen[str]
-    lines: queue.Queue[str | None] = field(default_factory=queue.Queue)
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-
-    def reap(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5.0)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc.wait(5.0)
-
-
-def _pump(stream: IO[str], lines: queue.Queue[str | None]) -> None:
-    # Drains the pipe so the server never blocks on a full one; ends at EOF.
-    for line in stream:
-        lines.put(line)
-    lines.put(None)
-
-
-def _spawn_once(port: int, log_dir: Path) -> ServerProcess | None:
-    stderr = (log_dir / f"server-{port}-{time.monotonic_ns()}.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, str(SERVER_SCRIPT), "--host", "127.0.0.1", "--port", str(port)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=stderr,
-        text=True,
-    )
-    stderr.close()
-    server = ServerProcess(port, proc)
-    assert proc.stdout is not None
-    threading.Thread(target=_pump, args=(proc.stdout, server.lines), daemon=True).start()
-    try:
-        line = server.lines.get(timeout=SPAWN_TIMEOUT_S)
-    except queue.Empty:
-        server.reap()
-        raise AssertionError(
-            f"server on port {port} said nothing in {SPAWN_TIMEOUT_S:g}s"
-        ) from None
-    if line is not None and json.loads(line).get("event") == "listening":
-        return server
-    # Exited before listening: the port was taken between our probe and its bind.
-    server.reap()
-    return None
-
-
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
-    """Factory: ``spawn()`` on a free port, ``spawn(port)`` on that one; reaped at teardown."""
-    started: list[ServerProcess] = []
-
-    def start(port: int | None = None) -> ServerProcess:
-        for _ in range(SPAWN_ATTEMPTS):
-            server = _spawn_once(free_port() if port is None else port, tmp_path)
-            if server is not None:
-                started.append(server)
-                return server
-            if port is not None:
-                # The same port again: wait for whatever holds it to let go.
-                time.sleep(0.2)
-        raise AssertionError(f"no server could listen after {SPAWN_ATTEMPTS} attempts")
-
-    yield start
-    for server in started:
-        server.reap()
-
-
 # -- load ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Outcome:
-    started: float
-    ended: float
-    code: grpc.StatusCode
-    details: str
-    backend: str
 
 
 @dataclass
@@ -191,41 +87,7 @@ class PingLoad:
         assert not any(w.is_alive() for w in self._workers), "load threads did not stop"
 
     def failures(self, since: float = float("-inf")) -> list[Outcome]:
-        return [o for o in self.outcomes if o.code is not grpc.StatusCode.OK and o.started >= since]
-
-
-@dataclass
-class StreamReader:
-    """Reads one Join stream to its end on a thread."""
-
-    call: grpc.Call
-    frames: list[pb.Frame] = field(default_factory=list)
-    error: grpc.RpcError | None = None
-    ended: float | None = None
-    thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        try:
-            for frame in self.call:
-                self.frames.append(frame)
-        except grpc.RpcError as error:
-            self.error = error
-        self.ended = time.monotonic()
-
-    def start(self) -> StreamReader:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def join(self, timeout: float) -> None:
-        assert self.thread is not None
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "stream did not end"
-
-    @property
-    def backend(self) -> str:
-        wait_until(lambda: self.frames or self.ended, timeout=5.0)
-        return self.frames[0].backend if self.frames else ""
+        return failures(self.outcomes, since)
 
 
 def ping(stub: conference_pb2_grpc.ConferenceStub, **kwargs: object) -> pb.PingReply:
@@ -243,41 +105,6 @@ def warm_up(stub: conference_pb2_grpc.ConferenceStub, servers: list[ServerProces
         if seen >= wanted or time.monotonic() > deadline:
             break
     assert seen >= wanted, f"never served a call: {sorted(wanted - seen)}"
-
-
-def ipv4_target(servers: list[ServerProcess]) -> str:
-    return "ipv4:" + ",".join(s.address for s in servers)
-
-
-def eligible(channel: grpc_leastconn.LeastConnChannel, key: str) -> bool:
-    # No public view of per-backend eligibility; the balancer's is read only.
-    return any(b.eligible for b in channel._core._balancer.backends if b.key == key)
-
-
-class Watch:
-    """Times, from a start, when each named condition first held (polled each ms)."""
-
-    def __init__(self, conditions: dict[str, Callable[[], bool]], limit: float) -> None:
-        self.start = time.monotonic()
-        self.seen: dict[str, float] = {}
-        self._conditions = conditions
-        self._limit = limit
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while time.monotonic() - self.start < self._limit:
-            now = time.monotonic()
-            for name, condition in self._conditions.items():
-                if name not in self.seen and condition():
-                    self.seen[name] = now - self.start
-            if len(self.seen) == len(self._conditions):
-                return
-            time.sleep(0.001)
-
-    def result(self) -> dict[str, float]:
-        self._thread.join(self._limit + 1)
-        return self.seen
 
 
 # -- one backend killed under load ------------------------------------------------------
@@ -319,7 +146,7 @@ def test_killed_backend_is_dropped_without_failures_and_reused_after_restart(
                     "released": lambda: channel.connection_table()[victim.address] == 0,
                 },
                 limit=5.0,
-            )
+            ).in_thread()
             timings = watch.result()
             victim.proc.wait(5.0)
             # Enough calls started past the grace second to judge them.
