@@ -59,8 +59,6 @@ from .._target import Address
 from ._subchannel import SubChannel
 
 _Backend = Backend[SubChannel]
-# Starts the backend call on a backend's inner multicallable, with the time left.
-_Start = Callable[[Any, float | None], Any]
 Interceptors = Sequence[grpc.aio.ClientInterceptor] | None
 
 _READY = grpc.ChannelConnectivity.READY
@@ -321,16 +319,21 @@ class _Rpc:
     """One RPC: its pick, its backend call and its count.
 
     Shared by the caller's call object and the tasks that drive it; it never
-    refers to the call object, so a call the caller drops can be collected.
+    refers to a streaming call object, so one the caller drops can be
+    collected (and cancelled). A unary call object it refers to through
+    ``on_done`` until that call ends, as grpc.aio's done callbacks would.
     """
 
     __slots__ = (
         "_begun",
         "_callbacks",
+        "_compression",
         "_core",
+        "_credentials",
         "_deadline",
+        "_metadata",
         "_multicallable",
-        "_start",
+        "_request",
         "_task",
         "_wait_for_ready",
         "backend",
@@ -338,20 +341,29 @@ class _Rpc:
         "cancelled",
         "error",
         "loop",
+        "on_done",
     )
 
     def __init__(
         self,
         core: _Core,
         multicallable: _MultiCallable,
-        start: _Start,
+        request: Any,
         timeout: float | None,
+        metadata: Any,
+        credentials: grpc.CallCredentials | None,
         wait_for_ready: bool | None,
+        compression: grpc.Compression | None,
     ) -> None:
         self._core = core
         self.loop = core.loop
         self._multicallable = multicallable
-        self._start = start
+        # What each attempt sends, kept here rather than in a closure: one
+        # object fewer per call.
+        self._request = request
+        self._metadata = metadata
+        self._credentials = credentials
+        self._compression = compression
         self._deadline = None if timeout is None else self.loop.time() + timeout
         self._wait_for_ready = wait_for_ready
         self.backend: _Backend | None = None
@@ -362,10 +374,18 @@ class _Rpc:
         self.error: BaseException | None = None
         self.cancelled = False
         self._begun: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[Any], None]] = []
+        # Built on first use: most calls are begun before anyone adds one.
+        self._callbacks: list[Callable[[Any], None]] | None = None
         self._task: asyncio.Task[bool] | None = None
+        # Told of the end of every attempt (None: of the RPC, when it reached
+        # no backend), by the attempt's own release callback: grpc.aio wraps
+        # and runs each callback of a call separately, and this saves one.
+        self.on_done: Callable[[Any], None] | None = None
+
+    def start(self) -> None:
+        """Pick a backend and start the call there, or wait for one in a task."""
         try:
-            backend = core.pick(wait_for_ready, self._deadline)
+            backend = self._core.pick(self._wait_for_ready, self._deadline)
         except _Closed:
             raise grpc.aio.UsageError(_CLOSED_DETAILS) from None
         except grpc.aio.AioRpcError as error:
@@ -390,17 +410,26 @@ class _Rpc:
         try:
             # wait_for_ready is ours to honour, at the pick: passed down, it
             # would pin the RPC to this one backend until it came back.
-            call = self._start(self._multicallable._inner_for(backend), remaining)
+            call = self._multicallable._inner_for(backend)(
+                self._request,
+                timeout=remaining,
+                metadata=self._metadata,
+                credentials=self._credentials,
+                compression=self._compression,
+            )
         except BaseException:
             self._core.release(backend)
             raise
-        call.add_done_callback(Release(self._core, backend))
+        call.add_done_callback(_Attempt(self, backend))
         self.backend = backend
         self.call = call
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            call.add_done_callback(callback)
-        self._wake()
+        callbacks = self._callbacks
+        if callbacks is not None:
+            self._callbacks = None
+            for callback in callbacks:
+                call.add_done_callback(callback)
+        if self._begun is not None:
+            self._wake()
 
     def _end(self, *, error: BaseException | None = None, cancelled: bool = False) -> None:
         """The RPC ends before reaching a backend."""
@@ -409,9 +438,11 @@ class _Rpc:
         self.error = error
         self.cancelled = cancelled
         self._wake()
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
+        callbacks, self._callbacks = self._callbacks, None
+        for callback in callbacks or ():
             callback(None)
+        if self.on_done is not None:
+            self.on_done(None)
 
     def _wake(self) -> None:
         if self._begun is not None and not self._begun.done():
@@ -502,6 +533,8 @@ class _Rpc:
             self.call.add_done_callback(callback)
         elif self.ended_early:
             callback(None)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
         else:
             self._callbacks.append(callback)
 
@@ -517,6 +550,25 @@ class _Rpc:
         if self.error is not None:
             return grpc.StatusCode.UNKNOWN, str(self.error)
         return grpc.StatusCode.CANCELLED, _CANCELLED_DETAILS
+
+
+class _Attempt(Release):
+    """Done callback of one attempt: releases its count, then tells the RPC's ``on_done``."""
+
+    __slots__ = ("_rpc",)
+
+    def __init__(self, rpc: _Rpc, backend: _Backend) -> None:
+        self._core = rpc._core
+        self._backend = backend
+        self._rpc = rpc
+
+    def __call__(self, call: object = None) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            self._core.release(backend)
+        on_done = self._rpc.on_done
+        if on_done is not None:
+            on_done(call)
 
 
 class _Call:
@@ -570,30 +622,35 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     """
 
     def __init__(self, rpc: _Rpc) -> None:
-        super().__init__(rpc)
-        # Backends this RPC never reached.
-        self._failed: list[_Backend] = []
+        self._rpc = rpc
+        # Backends this RPC never reached; built at the first re-pick.
+        self._failed: list[_Backend] | None = None
         # Coroutines awaiting the call: while there are some, they decide
         # whether an attempt that ended is the last.
         self._awaiting = 0
         self._ended = False
         self._ending: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[Any], None]] = []
-        rpc.add_done_callback(self._attempt_done)
+        self._callbacks: list[Callable[[Any], None]] | None = None
+        # Set before the RPC starts, so that every attempt reports to it.
+        rpc.on_done = self._attempt_done
 
     def _attempt_done(self, call: Any) -> None:
-        if call is None or call.cancelled() or not self._awaiting:
+        if not self._awaiting or call is None or call.cancelled():
             self._end()
 
     def _end(self) -> None:
         if self._ended:
             return
         self._ended = True
+        # Breaks the cycle through the RPC: without it each call would wait
+        # for the garbage collector.
+        self._rpc.on_done = None
         if self._ending is not None and not self._ending.done():
             self._ending.set_result(None)
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            callback(self)
+        callbacks, self._callbacks = self._callbacks, None
+        if callbacks is not None:
+            for callback in callbacks:
+                callback(self)
 
     async def _settled(self) -> Any:
         if not self._ended:
@@ -617,19 +674,21 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                         continue  # Another awaiter re-picked it.
                     backend = rpc.backend
                     assert backend is not None
-                    if self._ended or not may_repick(error, len(self._failed), backend):
+                    failed = self._failed
+                    if failed is None:
+                        failed = self._failed = []
+                    if self._ended or not may_repick(error, len(failed), backend):
                         self._end()
                         raise
                 else:
                     self._end()
                     return response
-                self._failed.append(backend)
+                failed.append(backend)
                 log.debug("RPC never reached %s; re-picking", backend.key)
-                rpc.repick(self._failed)
-                rpc.add_done_callback(self._attempt_done)
+                rpc.repick(failed)
         finally:
             self._awaiting -= 1
-            if not self._awaiting and rpc.done():
+            if not self._awaiting and not self._ended and rpc.done():
                 # Its awaiter gave up on an attempt that ended meanwhile.
                 self._end()
 
@@ -645,6 +704,8 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._ended:
             callback(self)
+        elif self._callbacks is None:
+            self._callbacks = [callback]
         else:
             self._callbacks.append(callback)
 
@@ -752,16 +813,11 @@ class _MultiCallable(MultiCallableBase[_Core]):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> _Rpc:
-        def start(inner: Any, remaining: float | None) -> Any:
-            return inner(
-                request,
-                timeout=remaining,
-                metadata=metadata,
-                credentials=credentials,
-                compression=compression,
-            )
-
-        return _Rpc(self._core, self, start, timeout, wait_for_ready)
+        rpc = _Rpc(
+            self._core, self, request, timeout, metadata, credentials, wait_for_ready, compression
+        )
+        rpc.start()
+        return rpc
 
 
 class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
@@ -778,8 +834,12 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _UnaryUnaryCall:
-        rpc = self._new_rpc(request, timeout, metadata, credentials, wait_for_ready, compression)
-        return _UnaryUnaryCall(rpc)
+        rpc = _Rpc(
+            self._core, self, request, timeout, metadata, credentials, wait_for_ready, compression
+        )
+        call = _UnaryUnaryCall(rpc)
+        rpc.start()
+        return call
 
 
 class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
