@@ -768,21 +768,17 @@ def insecure_channel(
 
     See the README for every option; ``secure_channel`` takes the same.
     """
-    return LeastConnChannel(
-        _Core(
-            make_settings(
-                target,
-                credentials=None,
-                options=options,
-                compression=compression,
-                tie_break=tie_break,
-                rng=rng,
-                health_check_service=health_check_service,
-                resolve_min_interval=resolve_min_interval,
-                resolve_max_interval=resolve_max_interval,
-                drain_timeout=drain_timeout,
-            )
-        )
+    return _make(
+        target,
+        None,
+        options,
+        compression,
+        tie_break=tie_break,
+        health_check_service=health_check_service,
+        resolve_min_interval=resolve_min_interval,
+        resolve_max_interval=resolve_max_interval,
+        drain_timeout=drain_timeout,
+        rng=rng,
     )
 
 
@@ -801,19 +797,28 @@ def secure_channel(
 ) -> LeastConnChannel:
     """A least-connection channel over TLS (or other channel credentials)."""
     check_credentials(credentials)
-    return LeastConnChannel(
-        _Core(
-            make_settings(
-                target,
-                credentials=credentials,
-                options=options,
-                compression=compression,
-                tie_break=tie_break,
-                rng=rng,
-                health_check_service=health_check_service,
-                resolve_min_interval=resolve_min_interval,
-                resolve_max_interval=resolve_max_interval,
-                drain_timeout=drain_timeout,
-            )
-        )
+    return _make(
+        target,
+        credentials,
+        options,
+        compression,
+        tie_break=tie_break,
+        health_check_service=health_check_service,
+        resolve_min_interval=resolve_min_interval,
+        resolve_max_interval=resolve_max_interval,
+        drain_timeout=drain_timeout,
+        rng=rng,
     )
+
+
+def _make(
+    target: str | Sequence[str],
+    credentials: grpc.ChannelCredentials | None,
+    options: Options,
+    compression: grpc.Compression | None,
+    **tuning: Any,
+) -> LeastConnChannel:
+    settings = make_settings(
+        target, credentials=credentials, options=options, compression=compression, **tuning
+    )
+    return LeastConnChannel(_Core(settings))

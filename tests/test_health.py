@@ -18,7 +18,7 @@ import grpc
 import pytest
 import server as example_server
 from grpc_health.v1 import health_pb2
-from helpers import BackendFactory, wait_until
+from helpers import BackendFactory, StreamReader, wait_until
 from server import SERVICE_NAME, Backend
 
 import grpc_leastconn
@@ -102,33 +102,6 @@ class PingLoad:
         for worker in self._workers:
             worker.join(RPC_TIMEOUT + 5)
         assert not any(w.is_alive() for w in self._workers), "load threads did not stop"
-
-
-@dataclass
-class StreamReader:
-    """Reads one Join stream to its end on a thread, keeping frames and status."""
-
-    call: grpc.Call
-    frames: list[pb.Frame] = field(default_factory=list)
-    error: grpc.RpcError | None = None
-    thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        try:
-            for frame in self.call:
-                self.frames.append(frame)
-        except grpc.RpcError as error:
-            self.error = error
-
-    def start(self) -> StreamReader:
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        return self
-
-    def join(self, timeout: float) -> None:
-        assert self.thread is not None
-        self.thread.join(timeout)
-        assert not self.thread.is_alive(), "stream did not end"
 
 
 def logged_at(caplog: pytest.LogCaptureFixture, prefix: str, suffix: str) -> float:
