@@ -28,6 +28,7 @@ from aio_support import (
     run,
     server_until,
 )
+from dns_support import established_to
 from helpers import BackendFactory
 
 import grpc_leastconn
@@ -184,6 +185,43 @@ def test_dropped_channel_closes_its_backend_channels(backends: BackendFactory) -
         del stub, channel
         gc.collect()
         await eventually(lambda: all(leaf.channel.get_state() is SHUTDOWN for leaf in leaves))
+
+    run(body)
+
+
+def test_closed_channel_lets_go_of_connections_its_kept_calls_used(
+    backends: BackendFactory,
+) -> None:
+    # A grpc.aio call object holds its channel's connection until it is
+    # collected, even after close(); applications keep calls they are done with.
+    servers = backends(2)
+    if established_to(servers[0].address) is None:
+        pytest.skip("no socket table to read")
+
+    async def body() -> None:
+        channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers])
+        stub = conference_pb2_grpc.ConferenceStub(channel)
+        await all_eligible(channel)
+        unary = stub.Ping(pb.PingRequest(payload="kept"), timeout=RPC_TIMEOUT)
+        reply = await unary
+        finished = stub.Join(pb.JoinRequest(duration_ms=40, frame_interval_ms=10))
+        frames = [frame async for frame in finished]
+        endless = endless_join(stub)
+        await endless.read()
+        assert all(established_to(s.address) for s in servers)
+
+        await channel.close()
+        await eventually(lambda: not any(established_to(s.address) for s in servers), SETTLE_S)
+
+        # Every kept call answers as it did before the close.
+        assert await unary == reply and reply.payload == "kept"
+        assert await unary.code() is grpc.StatusCode.OK
+        assert len(frames) == 4 and await finished.code() is grpc.StatusCode.OK
+        assert await finished.read() is grpc.aio.EOF
+        # The close cancelled the endless stream, as grpc.aio's close does.
+        assert await endless.code() is grpc.StatusCode.CANCELLED
+        with pytest.raises(asyncio.CancelledError):
+            await endless.read()
 
     run(body)
 

@@ -179,11 +179,6 @@ def test_removed_address_drains_its_streams_then_closes(
     run(body)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a finished call the caller still holds keeps the connection to its removed"
-    " backend open (grpc.aio destroys a closed channel only when its last call object goes)",
-)
 def test_removed_backend_is_disconnected_while_its_finished_calls_are_held(
     dns_server: Callable[..., DnsServer], fleet: Fleet
 ) -> None:
@@ -201,12 +196,27 @@ def test_removed_backend_is_disconnected_while_its_finished_calls_are_held(
             for stream in streams:
                 await stream.join(RPC_TIMEOUT)
             assert [s.code for s in streams] == [grpc.StatusCode.OK] * len(streams)
+            (stream_there,) = await on_backend(streams, leaving)
+            # One unary call there too, awaited and kept.
+            for _ in range(10):
+                unary_there = stub.Ping(pb.PingRequest(payload="kept"), timeout=RPC_TIMEOUT)
+                if (await unary_there).backend == leaving:
+                    break
+            assert (await unary_there).backend == leaving
 
             await asyncio.to_thread(dns.set_hosts, hosts[1:])
             await eventually(lambda: leaving not in channel.connection_table(), PICKUP_WITHIN_S)
             # The application still holds its finished calls, as any may.
             await eventually(lambda: established_to(leaving) == 0, SETTLE_S)
-            assert len(streams) == len(hosts)
+
+            # ... and they answer as before.
+            reply = await unary_there
+            assert (reply.backend, reply.payload) == (leaving, "kept")
+            assert await unary_there.code() is grpc.StatusCode.OK
+            call = stream_there.call
+            assert await call.code() is grpc.StatusCode.OK
+            assert [frame async for frame in call] == []
+            assert await call.read() is grpc.aio.EOF
 
     run(body)
 

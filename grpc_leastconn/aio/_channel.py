@@ -56,6 +56,7 @@ from .._settings import (
     make_settings,
 )
 from .._target import Address
+from ._finished import LOCAL_CANCELLATION_DETAILS, FinishedCall
 from ._subchannel import SubChannel
 
 _Backend = Backend[SubChannel]
@@ -64,8 +65,7 @@ Interceptors = Sequence[grpc.aio.ClientInterceptor] | None
 _READY = grpc.ChannelConnectivity.READY
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 _TRANSIENT_FAILURE = grpc.ChannelConnectivity.TRANSIENT_FAILURE
-# grpc.aio's own words for these cases, so callers see the same text.
-_CANCELLED_DETAILS = "Locally cancelled by application!"
+# grpc.aio's own words for this case, so callers see the same text.
 _CLOSED_DETAILS = "Channel is closed."
 
 
@@ -123,9 +123,21 @@ class _Core:
     def _close_leaf(self, backend: _Backend) -> None:
         if backend.leaf is None:
             return
-        task = self.loop.create_task(backend.leaf.close())
+        task = self.loop.create_task(self._retire(backend))
         self._closing.add(task)
         task.add_done_callback(self._closing.discard)
+
+    async def _retire(self, backend: _Backend, grace: float | None = None) -> None:
+        """Close a backend's sub-channel, then let go of the calls it carried.
+
+        Calls the application still holds would keep the connection open
+        (see FinishedCall); closing the channel has ended them all.
+        """
+        leaf = backend.leaf
+        assert leaf is not None
+        await leaf.close(grace)
+        for rpc in list(leaf.rpcs):
+            await rpc.settle(backend)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -216,7 +228,7 @@ class _Core:
         self._notify()
         if self._maintenance is not None:
             self._maintenance.stop()
-        leaves = [backend.leaf.close(grace) for backend in backends if backend.leaf is not None]
+        leaves = [self._retire(backend, grace) for backend in backends if backend.leaf is not None]
         await asyncio.gather(*leaves, *self._closing)
 
     def __del__(self) -> None:
@@ -325,6 +337,7 @@ class _Rpc:
     """
 
     __slots__ = (
+        "__weakref__",
         "_begun",
         "_callbacks",
         "_compression",
@@ -342,6 +355,7 @@ class _Rpc:
         "error",
         "loop",
         "on_done",
+        "responses",
     )
 
     def __init__(
@@ -370,6 +384,8 @@ class _Rpc:
         # The backend call; None until picked, and between the attempts of
         # a re-picked RPC.
         self.call: Any = None
+        # The response stream's iterator, once the caller iterates it.
+        self.responses: AsyncIterator[Any] | None = None
         # How the RPC ended when it reached no backend (call is None).
         self.error: BaseException | None = None
         self.cancelled = False
@@ -423,6 +439,9 @@ class _Rpc:
         call.add_done_callback(_Attempt(self, backend))
         self.backend = backend
         self.call = call
+        leaf = backend.leaf
+        assert leaf is not None
+        leaf.rpcs.add(self)
         callbacks = self._callbacks
         if callbacks is not None:
             self._callbacks = None
@@ -472,6 +491,23 @@ class _Rpc:
         except Exception as exc:
             self._end(error=exc)
         return self.call is not None
+
+    async def settle(self, backend: _Backend) -> None:
+        """Put the outcome of this RPC's finished call to ``backend`` in the call's place."""
+        call = self.call
+        if self.backend is not backend or call is None or isinstance(call, FinishedCall):
+            return
+        if not call.done():
+            return
+        finished = await FinishedCall.of(
+            call,
+            unary_response=self._multicallable._unary_response,
+            requests_iterated=self._multicallable._streams_requests and self._request is not None,
+        )
+        if self.call is call:
+            self.call = finished
+            if self.responses is not None:
+                self.responses = finished.resume_responses(self.responses)
 
     def repick(self, failed: Sequence[_Backend]) -> None:
         """Send the RPC again, away from ``failed``: its last attempt is over (and released)."""
@@ -549,7 +585,7 @@ class _Rpc:
             return self.error.code(), self.error.details() or ""
         if self.error is not None:
             return grpc.StatusCode.UNKNOWN, str(self.error)
-        return grpc.StatusCode.CANCELLED, _CANCELLED_DETAILS
+        return grpc.StatusCode.CANCELLED, LOCAL_CANCELLATION_DETAILS
 
 
 class _Attempt(Release):
@@ -758,18 +794,15 @@ class _StreamingCall(_Call):
 
 
 class _ResponseStream(_StreamingCall):
-    def __init__(self, rpc: _Rpc) -> None:
-        super().__init__(rpc)
-        self._responses: AsyncIterator[Any] | None = None
-
     def __aiter__(self) -> AsyncIterator[Any]:
         return self
 
     async def __anext__(self) -> Any:
-        if self._responses is None:
-            call = await self._rpc.started()
-            self._responses = call.__aiter__()
-        return await self._responses.__anext__()
+        rpc = self._rpc
+        if rpc.responses is None:
+            call = await rpc.started()
+            rpc.responses = call.__aiter__()
+        return await rpc.responses.__anext__()
 
     async def read(self) -> Any:
         call = await self._rpc.started()
@@ -803,6 +836,10 @@ class _StreamStreamCall(_ResponseStream, _RequestStream, grpc.aio.StreamStreamCa
 
 class _MultiCallable(MultiCallableBase[_Core]):
     __slots__ = ()
+    # Whether its calls end with one response, which a finished call keeps.
+    _unary_response = True
+    # Whether its calls take a request stream (an iterator, or written).
+    _streams_requests = False
 
     def _new_rpc(
         self,
@@ -844,6 +881,7 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
 
 class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
     __slots__ = ()
+    _unary_response = False
     _factory_name = "unary_stream"
 
     def __call__(
@@ -862,6 +900,7 @@ class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
 
 class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
     __slots__ = ()
+    _streams_requests = True
     _factory_name = "stream_unary"
 
     def __call__(
@@ -883,6 +922,8 @@ class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
 
 class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable[Any, Any]):
     __slots__ = ()
+    _streams_requests = True
+    _unary_response = False
     _factory_name = "stream_stream"
 
     def __call__(

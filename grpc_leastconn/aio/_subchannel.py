@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import weakref
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -47,6 +49,9 @@ class SubChannel:
                 target, settings.credentials, options, settings.compression, interceptors
             )
         self._report_connectivity = on_connectivity
+        # The RPCs sent through this channel, for the front end to settle
+        # once it is closed (see FinishedCall); weak, so it keeps none alive.
+        self.rpcs: weakref.WeakSet[Any] = weakref.WeakSet()
         self._health = (
             None
             if settings.health_check_service is None
