@@ -20,9 +20,8 @@ time per call (time.process_time: every client thread, grpcio's included).
 
 Then where the overhead comes from, without the network: the balancer's pick +
 release alone; the whole wrapper, with grpc.aio's call replaced by a stand-in that
-has already finished; the cost of the one extra task per unary call (the wrapper
-drives each call from a task of its own, so that it can pick again); and a
-cProfile of real calls through each channel, its time split by package.
+has already finished; and a cProfile of real calls through each channel, its time
+split by package, with the loop's work per call (iterations, tasks, callbacks).
 
 Run:  python bench/aio_overhead.py [--rounds 15] [--window 1.0] [--quick]
 """
@@ -188,27 +187,6 @@ async def layers_ns(channel: Any, request: Any, blocks: int, per_block: int) -> 
     return (wrapped - alone) / (blocks * per_block)
 
 
-async def _nothing() -> None:
-    return None
-
-
-async def task_ns(blocks: int, per_block: int) -> float:
-    """What awaiting a coroutine through a task of its own adds to awaiting it directly."""
-    loop = asyncio.get_running_loop()
-    direct = tasked = 0
-    calls = range(per_block)
-    for _ in range(blocks):
-        start = time.thread_time_ns()
-        for _ in calls:
-            await _nothing()
-        direct += time.thread_time_ns() - start
-        start = time.thread_time_ns()
-        for _ in calls:
-            await loop.create_task(_nothing())
-        tasked += time.thread_time_ns() - start
-    return (tasked - direct) / (blocks * per_block)
-
-
 def _package(filename: str) -> str:
     path = filename.replace("\\", "/")
     for marker, name in (
@@ -294,7 +272,6 @@ async def measure(address: str, args: Any) -> dict[str, Any]:
             (
                 pick_release_ns(lc),
                 await layers_ns(lc, request, blocks=10, per_block=2_000),
-                await task_ns(blocks=10, per_block=2_000),
             )
             for _ in range(repeats)
         ]
@@ -310,7 +287,6 @@ async def measure(address: str, args: Any) -> dict[str, Any]:
         "cpu_us": cpu_us,
         "pick_release_ns": statistics.median(p[0] for p in parts),
         "layers_ns": statistics.median(p[1] for p in parts),
-        "task_ns": statistics.median(p[2] for p in parts),
         "profiles": profiles,
         "profiled_calls": n,
     }
@@ -409,8 +385,8 @@ def main() -> int:
     }
     print(
         f"\nwhere it comes from (us per call): pick + release {m['pick_release_ns'] / 1000:.2f}; "
-        f"the whole wrapper without an RPC {m['layers_ns'] / 1000:.2f},\n"
-        f"  of which one extra task {m['task_ns'] / 1000:.2f}; in the RPC loop leastconn used "
+        f"the whole wrapper without an RPC {m['layers_ns'] / 1000:.2f};\n"
+        f"  in the RPC loop leastconn used "
         + ", ".join(f"{over_leaf[n]:.1f} ({n} in flight)" for n in IN_FLIGHT)
         + " more client CPU than leaf"
     )
@@ -447,7 +423,6 @@ def main() -> int:
             "results": results,
             "pick_release_ns": round(m["pick_release_ns"]),
             "layers_ns_warm": round(m["layers_ns"]),
-            "extra_task_ns": round(m["task_ns"]),
             "cpu_us_leastconn_over_leaf": {str(n): round(v, 2) for n, v in over_leaf.items()},
             "profile_us_per_call": {
                 name: {pkg: round(us, 2) for pkg, us in by.items()}

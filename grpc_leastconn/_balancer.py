@@ -135,6 +135,10 @@ class Balancer(Generic[Leaf]):
     ) -> None:
         self.target = target
         self._picker = LeastConnPicker(tie_break, rng)
+        # The eligible backend with the fewest in-flight RPCs, counted +1
+        # (None if none is eligible): the picker's own method, with no
+        # call of ours around it on the hot path.
+        self.pick: Callable[[], Backend[Leaf] | None] = self._picker.pick  # type: ignore[assignment]
         self._backends: dict[Address, Backend[Leaf]] = {}
         # Removed from the address set, with RPCs still running: no new picks.
         self._draining: dict[Backend[Leaf], None] = {}
@@ -214,10 +218,6 @@ class Balancer(Generic[Leaf]):
         return now != was_eligible
 
     # -- the hot path -------------------------------------------------------
-
-    def pick(self) -> Backend[Leaf] | None:
-        """The eligible backend with the fewest in-flight RPCs, counted +1."""
-        return self._picker.pick()  # type: ignore[return-value]
 
     def pick_excluding(self, excluded: Iterable[Backend[Leaf]]) -> Backend[Leaf] | None:
         """A pick that skips backends an RPC already failed to reach."""

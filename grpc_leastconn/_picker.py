@@ -47,7 +47,9 @@ class _Bucket(Protocol):
 
     def remove(self, node: Node) -> None: ...
 
-    def choose(self) -> Node: ...
+    def take(self) -> Node:
+        """Remove and return the backend this bucket's tie-break chooses."""
+        ...
 
 
 class _FifoBucket:
@@ -55,7 +57,7 @@ class _FifoBucket:
 
     Choosing the longest-waiting one rotates among ties: a backend picked
     from the lowest bucket comes back behind the others once its RPC ends.
-    A circular doubly linked list keeps add, remove and choose O(1).
+    A circular doubly linked list keeps add, remove and take O(1).
     """
 
     __slots__ = ("_sentinel", "size")
@@ -80,8 +82,14 @@ class _FifoBucket:
         node._next._prev = node._prev
         self.size -= 1
 
-    def choose(self) -> Node:
-        return self._sentinel._next
+    def take(self) -> Node:
+        sentinel = self._sentinel
+        node = sentinel._next
+        following = node._next
+        sentinel._next = following
+        following._prev = sentinel
+        self.size -= 1
+        return node
 
 
 class _YoungestFirstBucket(_FifoBucket):
@@ -132,9 +140,11 @@ class _RandomBucket:
             last._slot = node._slot
         self.size -= 1
 
-    def choose(self) -> Node:
+    def take(self) -> Node:
         nodes = self._nodes
-        return nodes[int(self._random() * len(nodes))]
+        node = nodes[int(self._random() * len(nodes))]
+        self.remove(node)
+        return node
 
 
 class LeastConnPicker:
@@ -191,11 +201,12 @@ class LeastConnPicker:
         if not self.size:
             return None
         lowest = self._lowest
-        bucket = self._buckets[lowest]
-        node = bucket.choose()
-        bucket.remove(node)
+        buckets = self._buckets
+        bucket = buckets[lowest]
+        node = bucket.take()
         node.in_flight = count = lowest + 1
-        self._bucket(count).add_picked(node)
+        # The hot path, so the bucket is looked up inline while it exists.
+        (buckets[count] if count < len(buckets) else self._bucket(count)).add_picked(node)
         if bucket.size == 0:
             # The node just moved to lowest + 1, so that bucket is occupied.
             self._lowest = count
@@ -208,8 +219,9 @@ class LeastConnPicker:
             raise RuntimeError("released more RPCs than were picked")
         node.in_flight = count - 1
         if node.in_picker:
-            self._buckets[count].remove(node)
-            self._buckets[count - 1].add(node)
+            buckets = self._buckets
+            buckets[count].remove(node)
+            buckets[count - 1].add(node)
             if count - 1 < self._lowest:
                 self._lowest = count - 1
 

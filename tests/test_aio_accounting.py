@@ -128,6 +128,29 @@ def test_unary_cancelled(backends: BackendFactory) -> None:
     run(body)
 
 
+def test_unary_cancelled_while_awaited_is_done_at_once(backends: BackendFactory) -> None:
+    async def body() -> None:
+        async with balanced(backends(2)) as c:
+            call = c.stub.Ping(pb.PingRequest(delay_ms=10_000), timeout=RPC_TIMEOUT)
+
+            async def wait() -> object:
+                return await call
+
+            awaiting = asyncio.ensure_future(wait())
+            await c.in_flight(1)
+            seen: list[object] = []
+            call.add_done_callback(seen.append)
+            assert call.cancel()
+            # As grpc.aio's own calls: done, and the callbacks run, inside cancel().
+            assert seen == [call] and call.done() and call.cancelled()
+            with pytest.raises(asyncio.CancelledError):
+                await awaiting
+            await c.assert_idle()
+            assert c.cancelled() == 1
+
+    run(body)
+
+
 def test_unary_awaiting_task_cancelled(backends: BackendFactory) -> None:
     async def body() -> None:
         async with balanced(backends(2)) as c:

@@ -226,6 +226,23 @@ def test_closed_channel_lets_go_of_connections_its_kept_calls_used(
     run(body)
 
 
+def test_calls_remembered_for_a_backend_stay_bounded(backends: BackendFactory) -> None:
+    # Each backend remembers, weakly, the calls sent to it (to let go of
+    # them when it closes); dropped calls must not pile up there.
+    async def body() -> None:
+        async with balanced(backends(1)) as c:
+            (backend,) = c.channel._core._balancer.backends
+            for _ in range(1500):
+                await c.stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
+            kept = [c.stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT) for _ in range(20)]
+            await asyncio.gather(*kept)
+            assert len(backend.leaf._rpcs) < 1024
+            tracked = backend.leaf.tracked()
+            assert all(call._rpc in tracked for call in kept)
+
+    run(body)
+
+
 # -- health ---------------------------------------------------------------------------
 
 

@@ -136,7 +136,7 @@ class _Core:
         leaf = backend.leaf
         assert leaf is not None
         await leaf.close(grace)
-        for rpc in list(leaf.rpcs):
+        for rpc in leaf.tracked():
             await rpc.settle(backend)
 
     def _notify(self) -> None:
@@ -439,9 +439,7 @@ class _Rpc:
         call.add_done_callback(_Attempt(self, backend))
         self.backend = backend
         self.call = call
-        leaf = backend.leaf
-        assert leaf is not None
-        leaf.rpcs.add(self)
+        backend.leaf.track(self)  # type: ignore[union-attr]  # a picked backend has one
         callbacks = self._callbacks
         if callbacks is not None:
             self._callbacks = None
@@ -671,7 +669,9 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
         rpc.on_done = self._attempt_done
 
     def _attempt_done(self, call: Any) -> None:
-        if not self._awaiting or call is None or call.cancelled():
+        # While a coroutine awaits the call, it decides whether this attempt
+        # was the last: it resumes whatever the attempt's end.
+        if not self._awaiting or call is None:
             self._end()
 
     def _end(self) -> None:
@@ -729,13 +729,17 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                 self._end()
 
     def cancel(self) -> bool:
-        return not self.done() and self._rpc.cancel()
+        if self.done() or not self._rpc.cancel():
+            return False
+        # No attempt follows a cancellation: done now, as grpc.aio's calls are.
+        self._end()
+        return True
 
     def cancelled(self) -> bool:
         return self._rpc.is_cancelled()
 
     def done(self) -> bool:
-        return self._ended or self._rpc.cancelled
+        return self._ended
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._ended:

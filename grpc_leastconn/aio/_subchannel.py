@@ -17,6 +17,9 @@ from .._target import Address, subchannel_options
 from ._health import HealthWatcher
 
 _READY = grpc.ChannelConnectivity.READY
+# Dead references to RPCs are swept when the list reaches this, or twice
+# what the last sweep left.
+_SWEEP_AT_LEAST = 1024
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
 
@@ -50,8 +53,10 @@ class SubChannel:
             )
         self._report_connectivity = on_connectivity
         # The RPCs sent through this channel, for the front end to settle
-        # once it is closed (see FinishedCall); weak, so it keeps none alive.
-        self.rpcs: weakref.WeakSet[Any] = weakref.WeakSet()
+        # once it is closed (see FinishedCall). Weak references in a list,
+        # swept now and then: a WeakSet would run a callback per RPC.
+        self._rpcs: list[weakref.ref[Any]] = []
+        self._sweep_at = _SWEEP_AT_LEAST
         self._health = (
             None
             if settings.health_check_service is None
@@ -73,6 +78,18 @@ class SubChannel:
         if self._health is not None:
             self._health.connectivity_changed(state)
         self._report_connectivity(state)
+
+    def track(self, rpc: Any) -> None:
+        """Remember, weakly, an RPC sent through this channel."""
+        rpcs = self._rpcs
+        rpcs.append(weakref.ref(rpc))
+        if len(rpcs) >= self._sweep_at:
+            rpcs[:] = [ref for ref in rpcs if ref() is not None]
+            self._sweep_at = max(_SWEEP_AT_LEAST, 2 * len(rpcs))
+
+    def tracked(self) -> list[Any]:
+        """The RPCs sent through this channel that are still alive."""
+        return [rpc for ref in self._rpcs if (rpc := ref()) is not None]
 
     def connect(self) -> None:
         self.channel.get_state(try_to_connect=True)
