@@ -84,7 +84,8 @@ class Ledger:
         self.picked: Counter[str] = Counter()
         self.released: Counter[str] = Counter()
         self.errors: list[str] = []
-        pick, pick_excluding, release = core.pick, core.pick_excluding, core.release
+        pick, pick_now = core.pick, core.pick_now
+        pick_excluding, release = core.pick_excluding, core.release
 
         def counted(backend: Any) -> Any:
             if backend is not None:
@@ -98,7 +99,9 @@ class Ledger:
             release(backend)
 
         # Instance attributes shadow the methods every call path goes through
-        # (acquire() picks through self.pick, done callbacks call core.release).
+        # (a call picks through pick_now, then self.pick; acquire() through
+        # self.pick; done callbacks call core.release).
+        core.pick_now = lambda: counted(pick_now())
         core.pick = lambda *args: counted(pick(*args))  # type: ignore[method-assign]
         core.pick_excluding = lambda failed: counted(pick_excluding(failed))  # type: ignore[method-assign]
         core.release = counted_release  # type: ignore[method-assign]

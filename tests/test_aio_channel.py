@@ -525,6 +525,44 @@ def test_interceptors_run_per_call_after_the_pick(backends: BackendFactory) -> N
     run(body)
 
 
+class DetailsRecorder(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        self.seen.append(details)
+        return await continuation(details, request)
+
+
+def test_per_call_options_reach_the_backend_call(backends: BackendFactory) -> None:
+    recorder = DetailsRecorder()
+
+    async def body() -> None:
+        async with balanced(backends(2), interceptors=[recorder]) as c:
+            ping, request = c.stub.Ping, pb.PingRequest()
+            await ping(request)
+            await ping(request, timeout=RPC_TIMEOUT)
+            await ping(request, metadata=(("x-tenant", "a"),))
+            await ping(
+                request,
+                timeout=RPC_TIMEOUT,
+                metadata=(("x-tenant", "b"),),
+                compression=grpc.Compression.Gzip,
+            )
+            await c.assert_idle()
+
+        plain, timed, tagged, everything = recorder.seen
+        assert plain.timeout is None and not plain.metadata
+        assert 0 < timed.timeout <= RPC_TIMEOUT and not timed.metadata
+        assert tagged.timeout is None and list(tagged.metadata) == [("x-tenant", "a")]
+        assert 0 < everything.timeout <= RPC_TIMEOUT
+        # grpc.aio carries the compression as metadata of its own.
+        assert ("x-tenant", "b") in list(everything.metadata)
+        assert ("grpc-internal-encoding-request", "gzip") in list(everything.metadata)
+
+    run(body)
+
+
 # -- re-resolution and draining -------------------------------------------------------
 
 

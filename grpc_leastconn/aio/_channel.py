@@ -84,6 +84,8 @@ class _Core:
         self.loop = loop
         self._interceptors = interceptors
         self._balancer: Balancer[SubChannel] = make_balancer(settings)
+        # The hot path's pick: a backend, counted, or None (see ``pick``).
+        self.pick_now = self._balancer.pick
         # Replaced on every change that could make a backend eligible or
         # change the aggregate state, and on close: whoever waits on the old
         # one looks again.
@@ -330,10 +332,10 @@ class _Maintenance:
 class _Rpc:
     """One RPC: its pick, its backend call and its count.
 
-    Shared by the caller's call object and the tasks that drive it; it never
-    refers to a streaming call object, so one the caller drops can be
-    collected (and cancelled). A unary call object it refers to through
-    ``on_done`` until that call ends, as grpc.aio's done callbacks would.
+    A streaming call object refers to its RPC, which the tasks driving it
+    share, and never the other way round: a call the caller drops can be
+    collected, and cancelled. A unary call is never cancelled on drop, so
+    it is its own RPC (``_UnaryUnaryCall``): one object per call.
     """
 
     __slots__ = (
@@ -346,21 +348,20 @@ class _Rpc:
         "_deadline",
         "_metadata",
         "_multicallable",
+        "_options_set",
         "_request",
         "_task",
         "_wait_for_ready",
         "backend",
         "call",
-        "cancelled",
         "error",
         "loop",
-        "on_done",
         "responses",
+        "was_cancelled",
     )
 
     def __init__(
         self,
-        core: _Core,
         multicallable: _MultiCallable,
         request: Any,
         timeout: float | None,
@@ -369,7 +370,7 @@ class _Rpc:
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> None:
-        self._core = core
+        self._core = core = multicallable._core
         self.loop = core.loop
         self._multicallable = multicallable
         # What each attempt sends, kept here rather than in a closure: one
@@ -378,7 +379,8 @@ class _Rpc:
         self._metadata = metadata
         self._credentials = credentials
         self._compression = compression
-        self._deadline = None if timeout is None else self.loop.time() + timeout
+        self._options_set = not (metadata is None and credentials is None and compression is None)
+        self._deadline = None if timeout is None else core.loop.time() + timeout
         self._wait_for_ready = wait_for_ready
         self.backend: _Backend | None = None
         # The backend call; None until picked, and between the attempts of
@@ -388,18 +390,19 @@ class _Rpc:
         self.responses: AsyncIterator[Any] | None = None
         # How the RPC ended when it reached no backend (call is None).
         self.error: BaseException | None = None
-        self.cancelled = False
+        self.was_cancelled = False
         self._begun: asyncio.Future[None] | None = None
         # Built on first use: most calls are begun before anyone adds one.
         self._callbacks: list[Callable[[Any], None]] | None = None
         self._task: asyncio.Task[bool] | None = None
-        # Told of the end of every attempt (None: of the RPC, when it reached
-        # no backend), by the attempt's own release callback: grpc.aio wraps
-        # and runs each callback of a call separately, and this saves one.
-        self.on_done: Callable[[Any], None] | None = None
 
     def start(self) -> None:
         """Pick a backend and start the call there, or wait for one in a task."""
+        # The common case first: a backend is eligible now.
+        backend = self._core.pick_now()
+        if backend is not None:
+            self._begin(backend)
+            return
         try:
             backend = self._core.pick(self._wait_for_ready, self._deadline)
         except _Closed:
@@ -407,32 +410,43 @@ class _Rpc:
         except grpc.aio.AioRpcError as error:
             # grpc.aio reports an RPC's failure when it is awaited, not when
             # it is made.
-            self._end(error=error)
+            self._end_early(error=error)
             return
         if backend is not None:
             self._begin(backend)
         else:
             self._task = self.loop.create_task(self.wait_and_begin())
 
+    def _attempt_done(self, call: Any) -> None:
+        """Told of the end of each attempt, or of the RPC (None) if it reached no backend."""
+
     @property
     def ended_early(self) -> bool:
-        return self.call is None and (self.error is not None or self.cancelled)
+        return self.call is None and (self.error is not None or self.was_cancelled)
 
     def _begin(self, backend: _Backend) -> None:
         remaining = None
         if self._deadline is not None:
             # Time spent waiting for a backend counts against the deadline.
             remaining = max(0.0, self._deadline - self.loop.time())
+        multicallable = self._multicallable
+        inner = multicallable._inner.get(backend) or multicallable._build(backend)
         try:
             # wait_for_ready is ours to honour, at the pick: passed down, it
             # would pin the RPC to this one backend until it came back.
-            call = self._multicallable._inner_for(backend)(
-                self._request,
-                timeout=remaining,
-                metadata=self._metadata,
-                credentials=self._credentials,
-                compression=self._compression,
-            )
+            if self._options_set:
+                call = inner(
+                    self._request,
+                    timeout=remaining,
+                    metadata=self._metadata,
+                    credentials=self._credentials,
+                    compression=self._compression,
+                )
+            elif remaining is None:
+                # Keywords cost measurably on this path even when None.
+                call = inner(self._request)
+            else:
+                call = inner(self._request, timeout=remaining)
         except BaseException:
             self._core.release(backend)
             raise
@@ -448,18 +462,17 @@ class _Rpc:
         if self._begun is not None:
             self._wake()
 
-    def _end(self, *, error: BaseException | None = None, cancelled: bool = False) -> None:
+    def _end_early(self, *, error: BaseException | None = None, cancelled: bool = False) -> None:
         """The RPC ends before reaching a backend."""
-        if self.call is not None or self.error is not None or self.cancelled:
+        if self.call is not None or self.error is not None or self.was_cancelled:
             return
         self.error = error
-        self.cancelled = cancelled
+        self.was_cancelled = cancelled
         self._wake()
         callbacks, self._callbacks = self._callbacks, None
         for callback in callbacks or ():
             callback(None)
-        if self.on_done is not None:
-            self.on_done(None)
+        self._attempt_done(None)
 
     def _wake(self) -> None:
         if self._begun is not None and not self._begun.done():
@@ -482,12 +495,12 @@ class _Rpc:
                 self._begin(backend)
         except _Closed:
             # What grpc.aio's close() does to the calls it has started.
-            self._end(cancelled=True)
+            self._end_early(cancelled=True)
         except asyncio.CancelledError:
-            self._end(cancelled=True)
+            self._end_early(cancelled=True)
             raise
         except Exception as exc:
-            self._end(error=exc)
+            self._end_early(error=exc)
         return self.call is not None
 
     async def settle(self, backend: _Backend) -> None:
@@ -519,7 +532,7 @@ class _Rpc:
         Cancelling the caller's wait leaves the RPC alone, as grpc.aio does
         for ``code()`` and the metadata.
         """
-        while self.call is None and self.error is None and not self.cancelled:
+        while self.call is None and self.error is None and not self.was_cancelled:
             if self._begun is None:
                 self._begun = self.loop.create_future()
             await asyncio.shield(self._begun)
@@ -534,35 +547,36 @@ class _Rpc:
         try:
             call = await self.begun()
         except asyncio.CancelledError:
-            self.cancel()
+            self.cancel_rpc()
             raise
         if call is None:
-            if self.cancelled:
+            if self.was_cancelled:
                 raise asyncio.CancelledError()
             assert self.error is not None
             raise self.error
         return call
 
-    def cancel(self) -> bool:
+    def cancel_rpc(self) -> bool:
         if self.call is not None:
             if not self.call.cancel():
                 return False
-            self.cancelled = True
+            self.was_cancelled = True
             return True
         if self.ended_early:
             return False
-        self._end(cancelled=True)
+        self._end_early(cancelled=True)
         if self._task is not None:
             self._task.cancel()
         return True
 
-    def done(self) -> bool:
+    def finished(self) -> bool:
         return bool(self.call.done()) if self.call is not None else self.ended_early
 
     def is_cancelled(self) -> bool:
-        return bool(self.call.cancelled()) if self.call is not None else self.cancelled
+        return bool(self.call.cancelled()) if self.call is not None else self.was_cancelled
 
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+    def when_finished(self, callback: Callable[[Any], None]) -> None:
+        """Run ``callback`` (with the backend call, or None) once the RPC has ended."""
         if self.call is not None:
             self.call.add_done_callback(callback)
         elif self.ended_early:
@@ -587,7 +601,7 @@ class _Rpc:
 
 
 class _Attempt(Release):
-    """Done callback of one attempt: releases its count, then tells the RPC's ``on_done``."""
+    """Done callback of one attempt: releases its count, then tells its RPC."""
 
     __slots__ = ("_rpc",)
 
@@ -600,16 +614,14 @@ class _Attempt(Release):
         backend, self._backend = self._backend, None
         if backend is not None:
             self._core.release(backend)
-        on_done = self._rpc.on_done
-        if on_done is not None:
-            on_done(call)
+        self._rpc._attempt_done(call)
 
 
 class _Call:
-    """grpc.aio's Call interface over one balanced RPC."""
+    """grpc.aio's Call interface over one balanced RPC (``_rpc``)."""
 
-    def __init__(self, rpc: _Rpc) -> None:
-        self._rpc = rpc
+    __slots__ = ()
+    _rpc: _Rpc
 
     async def _settled(self) -> Any:
         """The backend call whose status is the RPC's; None if it reached none."""
@@ -644,8 +656,8 @@ class _Call:
         return f"<{type(self).__name__} {inner}>"
 
 
-class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
-    """A unary call, re-picked by whoever awaits it while it never left.
+class _UnaryUnaryCall(_Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
+    """A unary call: its own RPC, re-picked by whoever awaits it while it never left.
 
     Its backend call starts when it is made (or, with no backend eligible
     yet, once one is), with no task of its own: a task per call would cost
@@ -655,35 +667,34 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     unary calls, and its failure is raised where it is awaited, never logged.
     """
 
-    def __init__(self, rpc: _Rpc) -> None:
-        self._rpc = rpc
-        # Backends this RPC never reached; built at the first re-pick.
-        self._failed: list[_Backend] | None = None
-        # Coroutines awaiting the call: while there are some, they decide
-        # whether an attempt that ended is the last.
-        self._awaiting = 0
-        self._ended = False
-        self._ending: asyncio.Future[None] | None = None
-        self._callbacks: list[Callable[[Any], None]] | None = None
-        # Set before the RPC starts, so that every attempt reports to it.
-        rpc.on_done = self._attempt_done
+    # Defaults in the class, each set on the call when it first changes:
+    # an __init__ of its own would cost every call one more Python frame.
+    # Coroutines awaiting the call: while there are some, they decide
+    # whether an attempt that ended is the last.
+    _awaiting = 0
+    _ended = False
+    _ending: asyncio.Future[None] | None = None
+    # Backends this RPC never reached; built at the first re-pick.
+    _failed: list[_Backend] | None = None
+    _done_callbacks: list[Callable[[Any], None]] | None = None
+
+    @property
+    def _rpc(self) -> _Rpc:  # type: ignore[override]
+        return self
 
     def _attempt_done(self, call: Any) -> None:
         # While a coroutine awaits the call, it decides whether this attempt
         # was the last: it resumes whatever the attempt's end.
         if not self._awaiting or call is None:
-            self._end()
+            self._finish()
 
-    def _end(self) -> None:
+    def _finish(self) -> None:
         if self._ended:
             return
         self._ended = True
-        # Breaks the cycle through the RPC: without it each call would wait
-        # for the garbage collector.
-        self._rpc.on_done = None
         if self._ending is not None and not self._ending.done():
             self._ending.set_result(None)
-        callbacks, self._callbacks = self._callbacks, None
+        callbacks, self._done_callbacks = self._done_callbacks, None
         if callbacks is not None:
             for callback in callbacks:
                 callback(self)
@@ -691,52 +702,51 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     async def _settled(self) -> Any:
         if not self._ended:
             if self._ending is None:
-                self._ending = self._rpc.loop.create_future()
+                self._ending = self.loop.create_future()
             await asyncio.shield(self._ending)
-        return self._rpc.call
+        return self.call
 
     def __await__(self) -> Generator[Any, None, Any]:
-        rpc = self._rpc
         self._awaiting += 1
         try:
             while True:
-                call = rpc.call
+                call = self.call
                 if call is None:
-                    call = yield from rpc.started().__await__()
+                    call = yield from self.started().__await__()
                 try:
                     response = yield from call.__await__()
                 except grpc.aio.AioRpcError as error:
-                    if rpc.call is not call:
+                    if self.call is not call:
                         continue  # Another awaiter re-picked it.
-                    backend = rpc.backend
+                    backend = self.backend
                     assert backend is not None
                     failed = self._failed
                     if failed is None:
                         failed = self._failed = []
                     if self._ended or not may_repick(error, len(failed), backend):
-                        self._end()
+                        self._finish()
                         raise
                 else:
-                    self._end()
+                    self._finish()
                     return response
                 failed.append(backend)
                 log.debug("RPC never reached %s; re-picking", backend.key)
-                rpc.repick(failed)
+                self.repick(failed)
         finally:
             self._awaiting -= 1
-            if not self._awaiting and not self._ended and rpc.done():
+            if not self._awaiting and not self._ended and self.finished():
                 # Its awaiter gave up on an attempt that ended meanwhile.
-                self._end()
+                self._finish()
 
     def cancel(self) -> bool:
-        if self.done() or not self._rpc.cancel():
+        if self._ended or not self.cancel_rpc():
             return False
         # No attempt follows a cancellation: done now, as grpc.aio's calls are.
-        self._end()
+        self._finish()
         return True
 
     def cancelled(self) -> bool:
-        return self._rpc.is_cancelled()
+        return self.is_cancelled()
 
     def done(self) -> bool:
         return self._ended
@@ -744,13 +754,13 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         if self._ended:
             callback(self)
-        elif self._callbacks is None:
-            self._callbacks = [callback]
+        elif self._done_callbacks is None:
+            self._done_callbacks = [callback]
         else:
-            self._callbacks.append(callback)
+            self._done_callbacks.append(callback)
 
     async def initial_metadata(self) -> grpc.aio.Metadata:
-        call = await self._rpc.begun()
+        call = await self.begun()
         if call is not None:
             metadata = await call.initial_metadata()
             if not call.done():
@@ -767,30 +777,33 @@ class _UnaryUnaryCall(_Call, grpc.aio.UnaryUnaryCall[Any, Any]):
 class _StreamingCall(_Call):
     """A call with a request or response stream, cancelled when the caller drops it."""
 
+    def __init__(self, rpc: _Rpc) -> None:
+        self._rpc = rpc
+
     def __del__(self) -> None:
         rpc = self._rpc
         with contextlib.suppress(Exception):
-            if not rpc.done():
+            if not rpc.finished():
                 # Never cancel here and now: the collector may run inside any
                 # code on the loop, in the middle of a pick, and the
                 # cancellation's done callback changes the balancer.
-                rpc.loop.call_soon_threadsafe(rpc.cancel)
+                rpc.loop.call_soon_threadsafe(rpc.cancel_rpc)
 
     def cancel(self) -> bool:
-        return self._rpc.cancel()
+        return self._rpc.cancel_rpc()
 
     def cancelled(self) -> bool:
         return self._rpc.is_cancelled()
 
     def done(self) -> bool:
-        return self._rpc.done()
+        return self._rpc.finished()
 
     def add_done_callback(self, callback: Callable[[Any], None]) -> None:
         # The callback gets this call without grpc.aio's stored callback
         # keeping it alive (that would defeat cancel-on-drop).
         wrapper = weakref.ref(self)
         rpc, cls = self._rpc, type(self)
-        rpc.add_done_callback(lambda _: callback(wrapper() or cls(rpc)))
+        rpc.when_finished(lambda _: callback(wrapper() or cls(rpc)))
 
     async def wait_for_connection(self) -> None:
         call = await self._rpc.started()
@@ -854,9 +867,7 @@ class _MultiCallable(MultiCallableBase[_Core]):
         wait_for_ready: bool | None,
         compression: grpc.Compression | None,
     ) -> _Rpc:
-        rpc = _Rpc(
-            self._core, self, request, timeout, metadata, credentials, wait_for_ready, compression
-        )
+        rpc = _Rpc(self, request, timeout, metadata, credentials, wait_for_ready, compression)
         rpc.start()
         return rpc
 
@@ -875,11 +886,10 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _UnaryUnaryCall:
-        rpc = _Rpc(
-            self._core, self, request, timeout, metadata, credentials, wait_for_ready, compression
+        call = _UnaryUnaryCall(
+            self, request, timeout, metadata, credentials, wait_for_ready, compression
         )
-        call = _UnaryUnaryCall(rpc)
-        rpc.start()
+        call.start()
         return call
 
 
