@@ -330,7 +330,7 @@ class _Maintenance:
 
 
 class _Rpc:
-    """One RPC: its pick, its backend call and its count.
+    """One RPC: its pick, its backend call and its count. It starts when made.
 
     A streaming call object refers to its RPC, which the tasks driving it
     share, and never the other way round: a call the caller drops can be
@@ -395,14 +395,16 @@ class _Rpc:
         # Built on first use: most calls are begun before anyone adds one.
         self._callbacks: list[Callable[[Any], None]] | None = None
         self._task: asyncio.Task[bool] | None = None
-
-    def start(self) -> None:
-        """Pick a backend and start the call there, or wait for one in a task."""
-        # The common case first: a backend is eligible now.
-        backend = self._core.pick_now()
+        # Started at once, here: the common case is a backend eligible now,
+        # with nothing yet waiting on the RPC.
+        backend = core.pick_now()
         if backend is not None:
-            self._begin(backend)
-            return
+            self._send(backend)
+        else:
+            self._start_later()
+
+    def _start_later(self) -> None:
+        """No backend now: fail as the balancer says, or wait for one in a task."""
         try:
             backend = self._core.pick(self._wait_for_ready, self._deadline)
         except _Closed:
@@ -425,6 +427,18 @@ class _Rpc:
         return self.call is None and (self.error is not None or self.was_cancelled)
 
     def _begin(self, backend: _Backend) -> None:
+        """Start the call on ``backend``, then tell whatever waited for it."""
+        call = self._send(backend)
+        callbacks = self._callbacks
+        if callbacks is not None:
+            self._callbacks = None
+            for callback in callbacks:
+                call.add_done_callback(callback)
+        if self._begun is not None:
+            self._wake()
+
+    def _send(self, backend: _Backend) -> Any:
+        """Start the call on ``backend``, counted until its done callback releases it."""
         remaining = None
         if self._deadline is not None:
             # Time spent waiting for a backend counts against the deadline.
@@ -454,13 +468,7 @@ class _Rpc:
         self.backend = backend
         self.call = call
         backend.leaf.track(self)  # type: ignore[union-attr]  # a picked backend has one
-        callbacks = self._callbacks
-        if callbacks is not None:
-            self._callbacks = None
-            for callback in callbacks:
-                call.add_done_callback(callback)
-        if self._begun is not None:
-            self._wake()
+        return call
 
     def _end_early(self, *, error: BaseException | None = None, cancelled: bool = False) -> None:
         """The RPC ends before reaching a backend."""
@@ -858,19 +866,6 @@ class _MultiCallable(MultiCallableBase[_Core]):
     # Whether its calls take a request stream (an iterator, or written).
     _streams_requests = False
 
-    def _new_rpc(
-        self,
-        request: Any,
-        timeout: float | None,
-        metadata: Any,
-        credentials: grpc.CallCredentials | None,
-        wait_for_ready: bool | None,
-        compression: grpc.Compression | None,
-    ) -> _Rpc:
-        rpc = _Rpc(self, request, timeout, metadata, credentials, wait_for_ready, compression)
-        rpc.start()
-        return rpc
-
 
 class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
     __slots__ = ()
@@ -886,11 +881,9 @@ class _UnaryUnary(_MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _UnaryUnaryCall:
-        call = _UnaryUnaryCall(
+        return _UnaryUnaryCall(
             self, request, timeout, metadata, credentials, wait_for_ready, compression
         )
-        call.start()
-        return call
 
 
 class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
@@ -908,7 +901,7 @@ class _UnaryStream(_MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _UnaryStreamCall:
-        rpc = self._new_rpc(request, timeout, metadata, credentials, wait_for_ready, compression)
+        rpc = _Rpc(self, request, timeout, metadata, credentials, wait_for_ready, compression)
         return _UnaryStreamCall(rpc)
 
 
@@ -928,8 +921,8 @@ class _StreamUnary(_MultiCallable, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
     ) -> _StreamUnaryCall:
         # Never re-picked: grpc.aio may already have consumed requests from
         # the iterator, which cannot be replayed.
-        rpc = self._new_rpc(
-            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
+        rpc = _Rpc(
+            self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
         return _StreamUnaryCall(rpc)
 
@@ -949,8 +942,8 @@ class _StreamStream(_MultiCallable, grpc.aio.StreamStreamMultiCallable[Any, Any]
         wait_for_ready: bool | None = None,
         compression: grpc.Compression | None = None,
     ) -> _StreamStreamCall:
-        rpc = self._new_rpc(
-            request_iterator, timeout, metadata, credentials, wait_for_ready, compression
+        rpc = _Rpc(
+            self, request_iterator, timeout, metadata, credentials, wait_for_ready, compression
         )
         return _StreamStreamCall(rpc)
 
