@@ -340,12 +340,14 @@ class _Rpc:
 
     __slots__ = (
         "__weakref__",
+        "_awaiting",
         "_begun",
         "_callbacks",
         "_compression",
         "_core",
         "_credentials",
         "_deadline",
+        "_ended",
         "_metadata",
         "_multicallable",
         "_options_set",
@@ -395,6 +397,10 @@ class _Rpc:
         # Built on first use: most calls are begun before anyone adds one.
         self._callbacks: list[Callable[[Any], None]] | None = None
         self._task: asyncio.Task[bool] | None = None
+        # A unary call's own state, kept here for speed (see _UnaryUnaryCall):
+        # the coroutines awaiting it, and whether it has ended for its caller.
+        self._awaiting = 0
+        self._ended = False
         # Started at once, here: the common case is a backend eligible now,
         # with nothing yet waiting on the RPC.
         backend = core.pick_now()
@@ -675,12 +681,11 @@ class _UnaryUnaryCall(_Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     unary calls, and its failure is raised where it is awaited, never logged.
     """
 
-    # Defaults in the class, each set on the call when it first changes:
-    # an __init__ of its own would cost every call one more Python frame.
-    # Coroutines awaiting the call: while there are some, they decide
-    # whether an attempt that ended is the last.
-    _awaiting = 0
-    _ended = False
+    # Unary state beyond _Rpc's _awaiting (coroutines awaiting the call:
+    # while there are some, they decide whether an attempt that ended is
+    # the last) and _ended. Defaults in the class, set on the call only when
+    # they change, which is rare: an __init__ of its own would cost every
+    # call one more Python frame.
     _ending: asyncio.Future[None] | None = None
     # Backends this RPC never reached; built at the first re-pick.
     _failed: list[_Backend] | None = None

@@ -17,8 +17,8 @@ from .._target import Address, subchannel_options
 from ._health import HealthWatcher
 
 _READY = grpc.ChannelConnectivity.READY
-# Dead references to RPCs are swept when the list reaches this, or twice
-# what the last sweep left.
+# Dead references to RPCs are swept after this many new ones, or after as
+# many as the last sweep left alive (so the list stays within twice that).
 _SWEEP_AT_LEAST = 1024
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
@@ -56,7 +56,7 @@ class SubChannel:
         # once it is closed (see FinishedCall). Weak references in a list,
         # swept now and then: a WeakSet would run a callback per RPC.
         self._rpcs: list[weakref.ref[Any]] = []
-        self._sweep_at = _SWEEP_AT_LEAST
+        self._until_sweep = _SWEEP_AT_LEAST
         self._health = (
             None
             if settings.health_check_service is None
@@ -81,11 +81,12 @@ class SubChannel:
 
     def track(self, rpc: Any) -> None:
         """Remember, weakly, an RPC sent through this channel."""
-        rpcs = self._rpcs
-        rpcs.append(weakref.ref(rpc))
-        if len(rpcs) >= self._sweep_at:
+        self._rpcs.append(weakref.ref(rpc))
+        self._until_sweep -= 1
+        if not self._until_sweep:
+            rpcs = self._rpcs
             rpcs[:] = [ref for ref in rpcs if ref() is not None]
-            self._sweep_at = max(_SWEEP_AT_LEAST, 2 * len(rpcs))
+            self._until_sweep = max(_SWEEP_AT_LEAST, len(rpcs))
 
     def tracked(self) -> list[Any]:
         """The RPCs sent through this channel that are still alive."""
