@@ -426,7 +426,7 @@ class _Rpc:
             self._task = self.loop.create_task(self.wait_and_begin())
 
     def _attempt_done(self, call: Any) -> None:
-        """Told of the end of each attempt, or of the RPC (None) if it reached no backend."""
+        """Told of an attempt's end while nobody awaits, or (None) of an RPC that reached none."""
 
     @property
     def ended_early(self) -> bool:
@@ -628,7 +628,11 @@ class _Attempt(Release):
         backend, self._backend = self._backend, None
         if backend is not None:
             self._core.release(backend)
-        self._rpc._attempt_done(call)
+        rpc = self._rpc
+        # While a coroutine awaits the call, it decides whether this attempt
+        # was the last: it resumes, whatever the attempt's end.
+        if not rpc._awaiting:
+            rpc._attempt_done(call)
 
 
 class _Call:
@@ -696,10 +700,7 @@ class _UnaryUnaryCall(_Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
         return self
 
     def _attempt_done(self, call: Any) -> None:
-        # While a coroutine awaits the call, it decides whether this attempt
-        # was the last: it resumes whatever the attempt's end.
-        if not self._awaiting or call is None:
-            self._finish()
+        self._finish()
 
     def _finish(self) -> None:
         if self._ended:
