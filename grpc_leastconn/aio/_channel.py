@@ -14,6 +14,10 @@ A48: "decrement regardless of status"):
   callbacks it stores refer to it (grpc/grpc#43462), so neither the server
   nor our count would see it end. The wrapper is referenced by the caller
   only: the state its tasks share never refers back to it.
+
+When a backend's sub-channel closes, each finished call that went there is
+swapped for a FinishedCall snapshot inside the call object the application
+may still hold, so that kept calls do not keep the backend's connection open.
 """
 
 from __future__ import annotations
