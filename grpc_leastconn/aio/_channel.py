@@ -352,10 +352,12 @@ class _Rpc:
         "_credentials",
         "_deadline",
         "_ended",
+        "_first_backend",
         "_metadata",
         "_multicallable",
         "_options_set",
         "_request",
+        "_sent",
         "_task",
         "_wait_for_ready",
         "backend",
@@ -405,6 +407,10 @@ class _Rpc:
         # the coroutines awaiting it, and whether it has ended for its caller.
         self._awaiting = 0
         self._ended = False
+        # The first attempt's backend, released by _first_attempt_done; later
+        # attempts (re-picks) each get an _Attempt of their own.
+        self._first_backend: _Backend | None = None
+        self._sent = False
         # Started at once, here: the common case is a backend eligible now,
         # with nothing yet waiting on the RPC.
         backend = core.pick_now()
@@ -428,6 +434,13 @@ class _Rpc:
             self._begin(backend)
         else:
             self._task = self.loop.create_task(self.wait_and_begin())
+
+    def _first_attempt_done(self, call: Any) -> None:
+        backend, self._first_backend = self._first_backend, None
+        if backend is not None:
+            self._core.release(backend)
+        if not self._awaiting:
+            self._attempt_done(call)
 
     def _attempt_done(self, call: Any) -> None:
         """Told of an attempt's end while nobody awaits, or (None) of an RPC that reached none."""
@@ -474,7 +487,13 @@ class _Rpc:
         except BaseException:
             self._core.release(backend)
             raise
-        call.add_done_callback(_Attempt(self, backend))
+        if self._sent:
+            call.add_done_callback(_Attempt(self, backend))
+        else:
+            # Most RPCs make one attempt: a bound method, no object of its own.
+            self._sent = True
+            self._first_backend = backend
+            call.add_done_callback(self._first_attempt_done)
         self.backend = backend
         self.call = call
         backend.leaf.track(self)  # type: ignore[union-attr]  # a picked backend has one
