@@ -720,6 +720,7 @@ class _UnaryUnaryCall(_Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
 
     @property
     def _rpc(self) -> _Rpc:  # type: ignore[override]
+        # _Call's methods reach their RPC through _rpc: a unary call is its own.
         return self
 
     def _attempt_done(self, call: Any) -> None:
