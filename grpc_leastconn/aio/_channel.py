@@ -467,6 +467,7 @@ class _Rpc:
             # Time spent waiting for a backend counts against the deadline.
             remaining = max(0.0, self._deadline - self.loop.time())
         multicallable = self._multicallable
+        # MultiCallableBase._inner_for, inline: one Python frame fewer per call.
         inner = multicallable._inner.get(backend) or multicallable._build(backend)
         try:
             # wait_for_ready is ours to honour, at the pick: passed down, it
