@@ -37,7 +37,7 @@ import signal
 import statistics
 import sys
 import time
-from collections.abc import Awaitable, Callable, Generator
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from _common import load_average, print_machine, print_summary, setup_paths, table
@@ -50,6 +50,7 @@ import conference_pb2_grpc  # noqa: E402
 import grpc  # noqa: E402
 
 import grpc_leastconn.aio  # noqa: E402
+from grpc_leastconn.aio._finished import FinishedCall  # noqa: E402
 
 VARIANTS = ("raw", "leastconn", "leaf")
 IN_FLIGHT = (1, 16)
@@ -122,32 +123,6 @@ async def run_round(
 # -- where the overhead comes from ----------------------------------------------------
 
 
-class _FinishedCall:
-    """Stand-in for a grpc.aio unary call that has already succeeded: no RPC at all."""
-
-    __slots__ = ("_response",)
-
-    def __init__(self, response: Any) -> None:
-        self._response = response
-
-    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
-        # grpc.aio runs a callback added to a finished call at once.
-        callback(self)
-
-    def done(self) -> bool:
-        return True
-
-    def cancel(self) -> bool:
-        return False
-
-    def cancelled(self) -> bool:
-        return False
-
-    def __await__(self) -> Generator[Any, None, Any]:
-        return self._response
-        yield  # a generator that never suspends, as awaiting a finished call
-
-
 def pick_release_ns(channel: Any, n: int = 100_000) -> float:
     """The balancer's share of a call: pick and release, no lock on the loop; no RPC."""
     core = channel._core
@@ -166,9 +141,11 @@ async def layers_ns(channel: Any, request: Any, blocks: int, per_block: int) -> 
     stand-in alone alternate with blocks through the stub.
     """
     reply = conference_pb2.PingReply(backend="bench")
+    no_metadata = grpc.aio.Metadata()
 
-    def inner(_request: Any, **_kwargs: Any) -> _FinishedCall:
-        return _FinishedCall(reply)
+    def inner(_request: Any, **_kwargs: Any) -> FinishedCall:
+        # The library's own stand-in for a call that has succeeded.
+        return FinishedCall(grpc.StatusCode.OK, "", no_metadata, no_metadata, None, reply)
 
     ping = conference_pb2_grpc.ConferenceStub(channel).Ping
     (backend,) = channel._core._balancer.backends

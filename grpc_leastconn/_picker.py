@@ -83,6 +83,7 @@ class _FifoBucket:
         self.size -= 1
 
     def take(self) -> Node:
+        # remove() of the head, inline: this is every pick.
         sentinel = self._sentinel
         node = sentinel._next
         following = node._next

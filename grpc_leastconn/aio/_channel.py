@@ -439,6 +439,8 @@ class _Rpc:
         backend, self._first_backend = self._first_backend, None
         if backend is not None:
             self._core.release(backend)
+        # While a coroutine awaits the call, it decides whether this attempt
+        # was the last: it resumes, whatever the attempt's end.
         if not self._awaiting:
             self._attempt_done(call)
 
@@ -639,22 +641,20 @@ class _Rpc:
 
 
 class _Attempt(Release):
-    """Done callback of one attempt: releases its count, then tells its RPC."""
+    """Done callback of a re-picked attempt: releases its count once, then tells its RPC.
+
+    (The first attempt's is the RPC's own ``_first_attempt_done``.)
+    """
 
     __slots__ = ("_rpc",)
 
     def __init__(self, rpc: _Rpc, backend: _Backend) -> None:
-        self._core = rpc._core
-        self._backend = backend
+        Release.__init__(self, rpc._core, backend)
         self._rpc = rpc
 
     def __call__(self, call: object = None) -> None:
-        backend, self._backend = self._backend, None
-        if backend is not None:
-            self._core.release(backend)
+        Release.__call__(self, call)
         rpc = self._rpc
-        # While a coroutine awaits the call, it decides whether this attempt
-        # was the last: it resumes, whatever the attempt's end.
         if not rpc._awaiting:
             rpc._attempt_done(call)
 

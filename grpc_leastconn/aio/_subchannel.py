@@ -17,10 +17,10 @@ from .._target import Address, subchannel_options
 from ._health import HealthWatcher
 
 _READY = grpc.ChannelConnectivity.READY
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 # Dead references to RPCs are swept after this many new ones, or after as
 # many as the last sweep left alive (so the list stays within twice that).
 _SWEEP_AT_LEAST = 1024
-_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 
 
 class SubChannel:
