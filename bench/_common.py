@@ -95,3 +95,48 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def print_summary(summary: dict[str, Any]) -> None:
     """The last line of every benchmark: one JSON object, for scripts to parse."""
     print(json.dumps(summary, sort_keys=False), flush=True)
+
+
+# -- the declared seams the benchmarks use ---------------------------------------
+
+
+def seams() -> Any:
+    """grpc_leastconn's declared seams and pure core, for the benchmarks that need them.
+
+    One import, here: the benchmarks otherwise use the public API only.
+    """
+    setup_paths()
+    import types
+
+    from grpc_leastconn._aio.channel import open_channel as open_aio_channel
+    from grpc_leastconn._aio.finished import FinishedCall
+    from grpc_leastconn._core import balancer, picker, seams, target
+    from grpc_leastconn._sync.channel import open_channel
+
+    class Attach(seams.Observer):
+        """An observer that keeps the channel's core (to time or inspect it)."""
+
+        core: Any = None
+
+        def on_attach(self, core: Any) -> None:
+            self.core = core
+
+    def observed(open_: Any, target_: Any, **kwargs: Any) -> tuple[Any, Any]:
+        attach = Attach()
+        return open_(target_, seams=seams.Seams(observer=attach), **kwargs), attach.core
+
+    def set_inner(multicallable: Any, core: Any, inner: Any) -> None:
+        # Private reach, on purpose: the overhead benchmarks swap grpcio's
+        # multicallable under ours for a stand-in, to time our layers alone.
+        (backend,) = core.inspect(lambda b: b.backends)
+        multicallable._inner[backend] = inner
+
+    return types.SimpleNamespace(
+        Address=target.Address,
+        Balancer=balancer.Balancer,
+        FinishedCall=FinishedCall,
+        TIE_BREAKS=picker.TIE_BREAKS,
+        observed_channel=lambda t, **kw: observed(open_channel, t, **kw),
+        observed_aio_channel=lambda t, **kw: observed(open_aio_channel, t, **kw),
+        set_inner=set_inner,
+    )

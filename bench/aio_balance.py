@@ -52,8 +52,7 @@ async def wait_until_balanced(channel: grpc_leastconn.aio.LeastConnChannel) -> N
     """Return once all four backends are eligible, as balance.py does for the sync channel."""
     async with asyncio.timeout(15):
         await channel.channel_ready()
-        balancer = channel._core._balancer
-        while not all(b.eligible for b in balancer.backends):
+        while not all(state.eligible for state in channel.backends()):
             await asyncio.sleep(0.01)
 
 

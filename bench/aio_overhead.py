@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, setup_paths, table
+from _common import load_average, print_machine, print_summary, seams, setup_paths, table
 from overhead import BATCH, TARGET_RATIO, ServerProcess
 
 setup_paths()
@@ -49,8 +49,8 @@ import conference_pb2  # noqa: E402
 import conference_pb2_grpc  # noqa: E402
 import grpc  # noqa: E402
 
-import grpc_leastconn.aio  # noqa: E402
-from grpc_leastconn.aio._finished import FinishedCall  # noqa: E402
+SEAMS = seams()
+FinishedCall = SEAMS.FinishedCall
 
 VARIANTS = ("raw", "leastconn", "leaf")
 IN_FLIGHT = (1, 16)
@@ -62,19 +62,19 @@ PROFILED_CALLS = 3_000
 Unary = Callable[[Any], Awaitable[Any]]
 
 
-async def make_variants(address: str) -> tuple[dict[str, Unary], list[Any]]:
+async def make_variants(address: str) -> tuple[dict[str, Unary], list[Any], Any]:
     raw = grpc.aio.insecure_channel(address)
-    lc = grpc_leastconn.aio.insecure_channel(address)
+    lc, core = SEAMS.observed_aio_channel(address)
     await raw.channel_ready()
     # READY here means the backend is connected and its health Watch says SERVING.
     await lc.channel_ready()
-    (backend,) = lc._core._balancer.backends
+    (backend,) = core.inspect(lambda balancer: balancer.backends)
     stubs = {
         "raw": conference_pb2_grpc.ConferenceStub(raw).Ping,
         "leastconn": conference_pb2_grpc.ConferenceStub(lc).Ping,
-        "leaf": conference_pb2_grpc.ConferenceStub(backend.leaf.channel).Ping,
+        "leaf": conference_pb2_grpc.ConferenceStub(backend.channel.grpc_channel).Ping,
     }
-    return stubs, [raw, lc]
+    return stubs, [raw, lc], core
 
 
 async def block(call: Unary, request: Any, in_flight: int) -> tuple[int, int, int]:
@@ -123,9 +123,8 @@ async def run_round(
 # -- where the overhead comes from ----------------------------------------------------
 
 
-def pick_release_ns(channel: Any, n: int = 100_000) -> float:
+def pick_release_ns(core: Any, n: int = 100_000) -> float:
     """The balancer's share of a call: pick and release, no lock on the loop; no RPC."""
-    core = channel._core
     pick, release = core.pick, core.release
     start = time.thread_time_ns()
     for _ in range(n):
@@ -133,7 +132,7 @@ def pick_release_ns(channel: Any, n: int = 100_000) -> float:
     return (time.thread_time_ns() - start) / n
 
 
-async def layers_ns(channel: Any, request: Any, blocks: int, per_block: int) -> float:
+async def layers_ns(channel: Any, core: Any, request: Any, blocks: int, per_block: int) -> float:
     """CPU time the wrapper adds to an awaited unary call, without the RPC.
 
     The stub is the real one; grpc.aio's multicallable underneath is swapped
@@ -148,8 +147,7 @@ async def layers_ns(channel: Any, request: Any, blocks: int, per_block: int) -> 
         return FinishedCall(grpc.StatusCode.OK, "", no_metadata, no_metadata, None, reply)
 
     ping = conference_pb2_grpc.ConferenceStub(channel).Ping
-    (backend,) = channel._core._balancer.backends
-    ping._inner[backend] = inner
+    SEAMS.set_inner(ping, core, inner)
     alone = wrapped = 0
     calls = range(per_block)
     for _ in range(blocks):
@@ -224,7 +222,7 @@ async def profile(
 
 
 async def measure(address: str, args: Any) -> dict[str, Any]:
-    stubs, channels = await make_variants(address)
+    stubs, channels, core = await make_variants(address)
     try:
         request = conference_pb2.PingRequest(payload="x")
         await run_round(stubs, request, args.warmup, 0)
@@ -247,8 +245,8 @@ async def measure(address: str, args: Any) -> dict[str, Any]:
         repeats = 3 if args.quick else 7
         parts = [
             (
-                pick_release_ns(lc),
-                await layers_ns(lc, request, blocks=10, per_block=2_000),
+                pick_release_ns(core),
+                await layers_ns(lc, core, request, blocks=10, per_block=2_000),
             )
             for _ in range(repeats)
         ]

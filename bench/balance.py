@@ -111,10 +111,9 @@ def wait_until_balanced(policy: str, channel: grpc.Channel, names: set[str]) -> 
     if policy in LEASTCONN:
         # Only READY, healthy backends are eligible; connecting ones would
         # simply be skipped by the first picks and skew the start.
-        balancer = channel._core._balancer
-        while not all(b.eligible for b in balancer.backends):
+        while not all(state.eligible for state in channel.backends()):
             if time.monotonic() > deadline:
-                raise RuntimeError(f"backends not all eligible: {balancer.backends}")
+                raise RuntimeError(f"backends not all eligible: {channel.backends()}")
             time.sleep(0.01)
     elif policy == "grpc_round_robin":
         # grpcio reports READY as soon as one sub-channel is; round_robin only

@@ -70,13 +70,12 @@ def main() -> int:
     subject = backends[0]
     try:
         channel = grpc_leastconn.insecure_channel(target)
-        core = channel._core  # the balancer's view is what decides picks
 
+        # The balancer's view is what decides picks.
         def eligible() -> bool:
-            with core._lock:
-                return any(b.key == subject.address and b.eligible for b in core._balancer.backends)
+            return any(s.address == subject.address and s.eligible for s in channel.backends())
 
-        _wait(lambda: all(b.eligible for b in core._balancer.backends))
+        _wait(lambda: all(s.eligible for s in channel.backends()))
         threads_watch = _client_threads()
 
         ccore_channels = [

@@ -46,7 +46,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, setup_paths, table
+from _common import load_average, print_machine, print_summary, seams, setup_paths, table
 
 setup_paths()
 # C-core logs the server's GOAWAY at INFO when the benchmark ends; keep the output readable.
@@ -58,7 +58,7 @@ import grpc  # noqa: E402
 from grpc_health.v1 import health_pb2, health_pb2_grpc  # noqa: E402
 from grpc_health.v1.health import HealthServicer  # noqa: E402
 
-import grpc_leastconn  # noqa: E402
+SEAMS = seams()
 
 TARGET_RATIO = 0.97
 VARIANTS = ("raw", "leastconn", "leaf", "intercept")
@@ -139,22 +139,22 @@ class _NoopInterceptor(grpc.UnaryUnaryClientInterceptor):
         return continuation(client_call_details, request)
 
 
-def make_variants(address: str) -> tuple[dict[str, Callable[..., Any]], list[Any]]:
+def make_variants(address: str) -> tuple[dict[str, Callable[..., Any]], list[Any], Any]:
     raw = grpc.insecure_channel(address)
-    lc = grpc_leastconn.insecure_channel(address)
+    lc, core = SEAMS.observed_channel(address)
     intercepted = grpc.intercept_channel(grpc.insecure_channel(address), _NoopInterceptor())
     channels = [raw, lc, intercepted]
     for channel in channels:
         grpc.channel_ready_future(channel).result(timeout=10)
-    # The sub-channel grpc_leastconn itself sends through, called directly.
-    (backend,) = lc._core._balancer.backends
+    # The backend channel grpc_leastconn itself sends through, called directly.
+    (backend,) = core.inspect(lambda balancer: balancer.backends)
     stubs = {
         "raw": conference_pb2_grpc.ConferenceStub(raw).Ping,
         "leastconn": conference_pb2_grpc.ConferenceStub(lc).Ping,
-        "leaf": conference_pb2_grpc.ConferenceStub(backend.leaf.channel).Ping,
+        "leaf": conference_pb2_grpc.ConferenceStub(backend.channel.grpc_channel).Ping,
         "intercept": conference_pb2_grpc.ConferenceStub(intercepted).Ping,
     }
-    return stubs, channels
+    return stubs, channels, core
 
 
 def block(call: Callable[..., Any], request: Any) -> tuple[int, int]:
@@ -184,9 +184,8 @@ def run_round(
     return {name: (calls / (wall[name] / 1e9), cpu[name] / 1000 / calls) for name in VARIANTS}
 
 
-def lock_pick_release_ns(channel: Any, n: int = 100_000) -> float:
+def lock_pick_release_ns(core: Any, n: int = 100_000) -> float:
     """The balancer's share of a call: lock, pick, lock, release; no RPC."""
-    core = channel._core
     acquire, release = core.acquire, core.release
     start = time.perf_counter_ns()
     for _ in range(n):
@@ -205,7 +204,9 @@ def _evict_caches(*_args: Any) -> None:
     _EVICT[::64] = _ONES
 
 
-def layers_ns(channel: Any, request: Any, cold: bool, blocks: int, per_block: int) -> float:
+def layers_ns(
+    channel: Any, core: Any, request: Any, cold: bool, blocks: int, per_block: int
+) -> float:
     """CPU time grpc_leastconn adds to a blocking unary call, without the RPC.
 
     The stub is the real one; only grpcio's multicallable underneath is
@@ -216,8 +217,7 @@ def layers_ns(channel: Any, request: Any, cold: bool, blocks: int, per_block: in
     """
     inner: Callable[..., Any] = _evict_caches if cold else (lambda *_args: None)
     ping = conference_pb2_grpc.ConferenceStub(channel).Ping
-    (backend,) = channel._core._balancer.backends
-    ping._inner[backend] = inner
+    SEAMS.set_inner(ping, core, inner)
     alone = wrapped = 0
     calls = range(per_block)
     for _ in range(blocks):
@@ -255,7 +255,7 @@ def main() -> int:
     server = ServerProcess()
     channels: list[Any] = []
     try:
-        stubs, channels = make_variants(server.address)
+        stubs, channels, core = make_variants(server.address)
         request = conference_pb2.PingRequest(payload="x")
         print(f"   backend {server.address} (pid {server.proc.pid}); warming up")
         run_round(stubs, request, args.warmup, 0)
@@ -276,9 +276,9 @@ def main() -> int:
             )
         parts = [
             (
-                lock_pick_release_ns(channels[1]),
-                layers_ns(channels[1], request, cold=False, blocks=10, per_block=5_000),
-                layers_ns(channels[1], request, cold=True, blocks=20, per_block=20),
+                lock_pick_release_ns(core),
+                layers_ns(channels[1], core, request, cold=False, blocks=10, per_block=5_000),
+                layers_ns(channels[1], core, request, cold=True, blocks=20, per_block=20),
             )
             for _ in range(3 if args.quick else 7)
         ]

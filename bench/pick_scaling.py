@@ -30,15 +30,14 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from _common import print_machine, print_summary, setup_paths, table
+from _common import print_machine, print_summary, seams, setup_paths, table
 
 setup_paths()
 
 import grpc  # noqa: E402
 
-from grpc_leastconn._balancer import Balancer  # noqa: E402
-from grpc_leastconn._picker import TIE_BREAKS  # noqa: E402
-from grpc_leastconn._target import Address  # noqa: E402
+SEAMS = seams()
+Address, Balancer, TIE_BREAKS = SEAMS.Address, SEAMS.Balancer, SEAMS.TIE_BREAKS
 
 SIZES = (4, 100, 1_000, 10_000)
 IN_FLIGHT = 64

@@ -1,13 +1,22 @@
 """Least-connection load balancing for Python gRPC clients.
 
 ``insecure_channel()`` and ``secure_channel()`` return a real ``grpc.Channel``
-that opens one sub-channel per resolved backend and sends every new RPC to
-the eligible backend with the fewest RPCs in flight. ``grpc_leastconn.aio``
-offers the same for ``grpc.aio``.
+that opens one backend channel per resolved address and sends every new RPC
+to the eligible backend with the fewest RPCs in flight; ``channel.backends()``
+shows each backend's state. ``grpc_leastconn.aio`` offers the same for
+``grpc.aio``.
 """
 
 from . import aio
-from ._channel import LeastConnChannel, insecure_channel, secure_channel
+from ._core.backend import BackendState, Health
+from ._sync.channel import LeastConnChannel, insecure_channel, secure_channel
 
-__all__ = ["LeastConnChannel", "aio", "insecure_channel", "secure_channel"]
+__all__ = [
+    "BackendState",
+    "Health",
+    "LeastConnChannel",
+    "aio",
+    "insecure_channel",
+    "secure_channel",
+]
 __version__ = "0.1.0"

@@ -18,7 +18,6 @@ import atexit
 import contextlib
 import threading
 import time
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
@@ -27,6 +26,8 @@ from typing import Any, TypeVar
 import conference_pb2 as pb
 import conference_pb2_grpc
 import grpc
+import helpers
+from helpers import Ledger, observed_aio_channel
 
 import grpc_leastconn.aio
 
@@ -76,41 +77,6 @@ async def server_until(servicer: Any, predicate: Callable[[Any], bool], timeout:
     return bool(await asyncio.to_thread(servicer.wait_until, predicate, timeout))
 
 
-class Ledger:
-    """Every pick and release the channel makes, per backend."""
-
-    def __init__(self, channel: grpc_leastconn.aio.LeastConnChannel) -> None:
-        core = channel._core
-        self.picked: Counter[str] = Counter()
-        self.released: Counter[str] = Counter()
-        self.errors: list[str] = []
-        pick, pick_now = core.pick, core.pick_now
-        pick_excluding, release = core.pick_excluding, core.release
-
-        def counted(backend: Any) -> Any:
-            if backend is not None:
-                self.picked[backend.key] += 1
-            return backend
-
-        def counted_release(backend: Any) -> None:
-            self.released[backend.key] += 1
-            if self.released[backend.key] > self.picked[backend.key]:
-                self.errors.append(f"{backend.key}: released more often than picked")
-            release(backend)
-
-        # Instance attributes shadow the methods every call path goes through
-        # (a call picks through pick_now, then self.pick; acquire() through
-        # self.pick; done callbacks call core.release).
-        core.pick_now = lambda: counted(pick_now())
-        core.pick = lambda *args: counted(pick(*args))  # type: ignore[method-assign]
-        core.pick_excluding = lambda failed: counted(pick_excluding(failed))  # type: ignore[method-assign]
-        core.release = counted_release  # type: ignore[method-assign]
-
-    def check(self) -> None:
-        assert not self.errors, self.errors
-        assert self.picked == self.released, (self.picked, self.released)
-
-
 @dataclass
 class Cluster:
     """A balanced aio channel over example backends, and both ends' counts."""
@@ -153,10 +119,10 @@ class Cluster:
 @contextlib.asynccontextmanager
 async def balanced(servers: Sequence[Any], **kwargs: Any) -> AsyncIterator[Cluster]:
     """A ready balanced channel over ``servers``; closed on exit."""
-    channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers], **kwargs)
+    channel, ledger = observed_aio_channel([s.address for s in servers], **kwargs)
     try:
         cluster = Cluster(
-            list(servers), channel, conference_pb2_grpc.ConferenceStub(channel), Ledger(channel)
+            list(servers), channel, conference_pb2_grpc.ConferenceStub(channel), ledger
         )
         await all_eligible(channel)
         yield cluster
@@ -165,13 +131,12 @@ async def balanced(servers: Sequence[Any], **kwargs: Any) -> AsyncIterator[Clust
 
 
 async def all_eligible(channel: grpc_leastconn.aio.LeastConnChannel) -> None:
-    balancer = channel._core._balancer
-    await eventually(lambda: all(b.eligible for b in balancer.backends), message="all eligible")
+    await eventually(lambda: helpers.all_eligible(channel), message="all eligible")
 
 
 def backend_of(channel: grpc_leastconn.aio.LeastConnChannel, address: str) -> Any:
-    (backend,) = [b for b in channel._core._balancer.backends if b.key == address]
-    return backend
+    """The backend's state now (a snapshot: ask again to see it change)."""
+    return helpers.state_of(channel, address)
 
 
 def endless_join(stub: conference_pb2_grpc.ConferenceStub, timeout: float = RPC_TIMEOUT) -> Any:

@@ -157,8 +157,7 @@ def ipv4_target(servers: list[ServerProcess]) -> str:
 
 
 def eligible(channel: Any, key: str) -> bool:
-    # No public view of per-backend eligibility; the balancer's is read only.
-    return any(b.eligible for b in channel._core._balancer.backends if b.key == key)
+    return any(s.eligible for s in channel.backends() if s.address == key and not s.draining)
 
 
 class Watch:

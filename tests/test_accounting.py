@@ -13,7 +13,6 @@ import itertools
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ import conference_pb2 as pb
 import conference_pb2_grpc
 import grpc
 import pytest
-from helpers import BackendFactory, wait_until
+from helpers import BackendFactory, Ledger, all_eligible, observed_channel, wait_until
 
 import grpc_leastconn
 
@@ -36,55 +35,6 @@ SETTLE_S = 1.0
 HOLD_LIMIT_S = 10.0
 OK = "OK"
 RAISE = "RAISE"
-
-
-# -- client-side ledger ---------------------------------------------------------
-
-
-class Ledger:
-    """Every pick and release the channel's balancer makes, per backend.
-
-    Wrapping the balancer's primitives sees every path (first picks,
-    re-picks, waits for a backend). A release without its pick raises inside
-    grpcio's callback thread, where the exception is only logged; recording
-    it here lets the test fail on it.
-    """
-
-    def __init__(self, channel: grpc_leastconn.LeastConnChannel) -> None:
-        balancer = channel._core._balancer
-        self._lock = threading.Lock()
-        self.picked: Counter[str] = Counter()
-        self.released: Counter[str] = Counter()
-        self.errors: list[str] = []
-        pick, release = balancer.pick, balancer.release
-
-        def counted_pick() -> Any:
-            backend = pick()
-            if backend is not None:
-                with self._lock:
-                    self.picked[backend.key] += 1
-            return backend
-
-        def counted_release(backend: Any) -> Any:
-            with self._lock:
-                self.released[backend.key] += 1
-                if self.released[backend.key] > self.picked[backend.key]:
-                    self.errors.append(f"{backend.key}: released more often than picked")
-            try:
-                return release(backend)
-            except Exception as exc:
-                with self._lock:
-                    self.errors.append(f"{backend.key}: {exc!r}")
-                raise
-
-        # Instance attributes shadow the methods for every caller.
-        balancer.pick = counted_pick  # type: ignore[method-assign]
-        balancer.release = counted_release  # type: ignore[method-assign]
-
-    def check(self) -> None:
-        with self._lock:
-            assert not self.errors, self.errors
-            assert self.picked == self.released, (self.picked, self.released)
 
 
 # -- a backend whose RPCs wait for the test, then end with a chosen status ------
@@ -313,16 +263,11 @@ def cluster(
 
     def make(n: int = 4, *, gated: bool = False) -> Cluster:
         servers: list[Any] = gated_backends(n) if gated else backends(n)
-        channel = grpc_leastconn.insecure_channel([s.address for s in servers])
-        made.append(
-            Cluster(servers, channel, conference_pb2_grpc.ConferenceStub(channel), Ledger(channel))
-        )
+        channel, ledger = observed_channel([s.address for s in servers])
+        made.append(Cluster(servers, channel, conference_pb2_grpc.ConferenceStub(channel), ledger))
         # Until every backend can take calls, the first ready one takes them
         # all; the counts below assume the whole set is in play.
-        wait_until(
-            lambda: all(b.eligible for b in channel._core._balancer.backends),
-            timeout=RPC_TIMEOUT,
-        )
+        wait_until(lambda: all_eligible(channel), timeout=RPC_TIMEOUT)
         return made[-1]
 
     yield make

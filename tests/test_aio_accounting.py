@@ -21,7 +21,6 @@ import pytest
 from aio_support import (
     RPC_TIMEOUT,
     SETTLE_S,
-    Ledger,
     RequestFeed,
     balanced,
     endless_join,
@@ -30,9 +29,7 @@ from aio_support import (
     run,
     server_until,
 )
-from helpers import BackendFactory
-
-import grpc_leastconn.aio
+from helpers import BackendFactory, observed_aio_channel
 
 # -- unary ------------------------------------------------------------------------
 
@@ -67,8 +64,7 @@ def test_unary_counts_while_running(backends: BackendFactory) -> None:
 def test_unary_error_status_is_released(code: str) -> None:
     async def body() -> None:
         with failing_backends(2) as servers:
-            channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers])
-            ledger = Ledger(channel)
+            channel, ledger = observed_aio_channel([s.address for s in servers])
             fail = channel.unary_unary("/test.Failing/Fail")
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await fail(code.encode(), timeout=RPC_TIMEOUT)
@@ -300,8 +296,7 @@ def test_server_stream_reading_task_cancelled(backends: BackendFactory) -> None:
 def test_server_stream_error_status_after_a_message(code: str) -> None:
     async def body() -> None:
         with failing_backends(2) as servers:
-            channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers])
-            ledger = Ledger(channel)
+            channel, ledger = observed_aio_channel([s.address for s in servers])
             stream = channel.unary_stream("/test.Failing/FailAfterOne")(
                 code.encode(), timeout=RPC_TIMEOUT
             )

@@ -8,6 +8,7 @@ import inspect
 import json
 import logging
 import threading
+import typing
 from collections import Counter
 from typing import Any
 
@@ -19,7 +20,6 @@ import pytest
 from aio_support import (
     RPC_TIMEOUT,
     SETTLE_S,
-    Ledger,
     all_eligible,
     backend_of,
     balanced,
@@ -29,13 +29,12 @@ from aio_support import (
     server_until,
 )
 from dns_support import established_to
-from helpers import BackendFactory
+from helpers import BackendFactory, Ledger, observed_aio_channel
+from seams import Address, Resolution, Resolver, Seams, open_aio_channel, parse_target
 
 import grpc_leastconn
 import grpc_leastconn.aio
-from grpc_leastconn._balancer import Health
-from grpc_leastconn._resolver import Resolution
-from grpc_leastconn._target import Address
+from grpc_leastconn import Health
 
 READY = grpc.ChannelConnectivity.READY
 SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
@@ -50,16 +49,30 @@ def test_public_surface() -> None:
     assert issubclass(channel_class, grpc.aio.Channel)
     assert not channel_class.__abstractmethods__
     for name in ("insecure_channel", "secure_channel"):
-        sync = inspect.signature(getattr(grpc_leastconn, name)).parameters
-        aio = inspect.signature(getattr(grpc_leastconn.aio, name)).parameters
-        # grpc.aio's own order, then the sync factory's keyword options.
-        positional = [p for p in sync if sync[p].kind is not inspect.Parameter.KEYWORD_ONLY]
-        keywords = [p for p in sync if sync[p].kind is inspect.Parameter.KEYWORD_ONLY]
-        assert list(aio) == [*positional, "interceptors", *keywords]
+        sync_factory = getattr(grpc_leastconn, name)
+        aio_factory = getattr(grpc_leastconn.aio, name)
+        sync = inspect.signature(sync_factory).parameters
+        aio = inspect.signature(aio_factory).parameters
+        # grpc.aio's own order, then interceptors, then the same tuning keywords.
+        positional = [p for p in sync if sync[p].kind is not inspect.Parameter.VAR_KEYWORD]
+        assert list(sync) == [*positional, "tuning"]
+        assert list(aio) == [*positional, "interceptors", "tuning"]
         assert aio["interceptors"].kind is inspect.Parameter.KEYWORD_ONLY
-        for option in keywords:
-            assert aio[option].kind is inspect.Parameter.KEYWORD_ONLY
-            assert aio[option].default == sync[option].default, option
+        assert sync["tuning"].kind is aio["tuning"].kind is inspect.Parameter.VAR_KEYWORD
+        # Declared once: both take **tuning: Unpack[Tuning], the same TypedDict.
+        sync_tuning = typing.get_type_hints(sync_factory)["tuning"]
+        aio_tuning = typing.get_type_hints(aio_factory)["tuning"]
+        assert sync_tuning == aio_tuning
+        assert typing.get_origin(sync_tuning) is typing.Unpack
+        (tuning,) = typing.get_args(sync_tuning)
+        assert set(typing.get_type_hints(tuning)) == {
+            "tie_break",
+            "health_check_service",
+            "resolve_min_interval",
+            "resolve_max_interval",
+            "drain_timeout",
+            "rng",
+        }
     assert "after the pick" in (grpc_leastconn.aio.insecure_channel.__doc__ or "")
 
 
@@ -112,18 +125,20 @@ def test_state_ready_and_async_with(backends: BackendFactory) -> None:
     servers = backends(2)
 
     async def body() -> None:
-        async with grpc_leastconn.aio.insecure_channel([s.address for s in servers]) as channel:
+        channel, ledger = observed_aio_channel([s.address for s in servers])
+        async with channel:
             # Nothing has connected yet: the loop has not run since construction.
             assert channel.get_state() is grpc.ChannelConnectivity.IDLE
             await channel.channel_ready()
             assert channel.get_state(try_to_connect=True) is READY
             stub = conference_pb2_grpc.ConferenceStub(channel)
             assert (await stub.Ping(pb.PingRequest(payload="x"), timeout=RPC_TIMEOUT)).payload
-            leaves = [b.leaf for b in channel._core._balancer.backends]
+            grpc_channels = [ledger.backend(s.address).channel.grpc_channel for s in servers]
             assert "LeastConnChannel" in repr(channel)
         assert channel.get_state() is SHUTDOWN
         assert channel.connection_table() == {}
-        assert all(leaf.channel.get_state() is SHUTDOWN for leaf in leaves)
+        assert channel.backends() == ()
+        assert all(c.get_state() is SHUTDOWN for c in grpc_channels)
         # As grpc.aio does once a channel is closed.
         with pytest.raises(grpc.aio.UsageError):
             stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
@@ -158,10 +173,9 @@ def test_calls_made_before_any_backend_is_ready_wait_for_one(backends: BackendFa
     servers = backends(2)
 
     async def body() -> None:
-        channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers])
-        ledger = Ledger(channel)
+        channel, ledger = observed_aio_channel([s.address for s in servers])
         stub = conference_pb2_grpc.ConferenceStub(channel)
-        assert not channel._core._balancer.has_eligible
+        assert not any(state.eligible for state in channel.backends())
         ping = stub.Ping(pb.PingRequest(payload="early"), timeout=RPC_TIMEOUT)
         stream = stub.Join(pb.JoinRequest(duration_ms=50, frame_interval_ms=10), timeout=5)
         assert not ping.done() and not stream.done()
@@ -178,13 +192,14 @@ def test_dropped_channel_closes_its_backend_channels(backends: BackendFactory) -
     servers = backends(2)
 
     async def body() -> None:
-        channel = grpc_leastconn.aio.insecure_channel([s.address for s in servers])
+        channel, ledger = observed_aio_channel([s.address for s in servers])
         stub = conference_pb2_grpc.ConferenceStub(channel)
         await stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
-        leaves = [b.leaf for b in channel._core._balancer.backends]
-        del stub, channel
+        grpc_channels = [ledger.backend(s.address).channel.grpc_channel for s in servers]
+        # The ledger holds the core too: drop it with the channel.
+        del stub, channel, ledger
         gc.collect()
-        await eventually(lambda: all(leaf.channel.get_state() is SHUTDOWN for leaf in leaves))
+        await eventually(lambda: all(c.get_state() is SHUTDOWN for c in grpc_channels))
 
     run(body)
 
@@ -231,14 +246,15 @@ def test_calls_remembered_for_a_backend_stay_bounded(backends: BackendFactory) -
     # them when it closes); dropped calls must not pile up there.
     async def body() -> None:
         async with balanced(backends(1)) as c:
-            (backend,) = c.channel._core._balancer.backends
+            backend_channel = c.ledger.backend(c.servers[0].address).channel
             for _ in range(1500):
                 await c.stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
             kept = [c.stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT) for _ in range(20)]
             await asyncio.gather(*kept)
-            assert len(backend.leaf._rpcs) < 1024
-            tracked = backend.leaf.tracked()
-            assert all(call._rpc in tracked for call in kept)
+            assert backend_channel.remembered_count < 1024
+            remembered = backend_channel.remembered()
+            # A unary call is its own RPC.
+            assert all(call in remembered for call in kept)
 
     run(body)
 
@@ -308,15 +324,16 @@ def test_unimplemented_health_is_watched_again_on_the_next_connection(
 
     async def body() -> None:
         channel = grpc_leastconn.aio.insecure_channel([plain.address])
-        backend = backend_of(channel, plain.address)
-        await eventually(lambda: backend.health is Health.UNIMPLEMENTED)
-        assert backend.eligible
+        await eventually(lambda: backend_of(channel, plain.address).health is Health.UNIMPLEMENTED)
+        assert backend_of(channel, plain.address).eligible
         # The server is replaced by one with a health service, which says no.
         await asyncio.to_thread(plain.stop, None)
         (replaced,) = backends(1, port=plain.port)
         replaced.set_serving(False)
-        await eventually(lambda: backend.health is Health.NOT_SERVING, timeout=15)
-        assert not backend.eligible
+        await eventually(
+            lambda: backend_of(channel, plain.address).health is Health.NOT_SERVING, timeout=15
+        )
+        assert not backend_of(channel, plain.address).eligible
         await channel.close()
 
     run(body)
@@ -332,14 +349,14 @@ def test_all_down_fails_fast_then_wait_for_ready_waits_for_a_return(
     port = server.port
 
     async def body() -> None:
-        channel = grpc_leastconn.aio.insecure_channel([server.address])
-        ledger = Ledger(channel)
+        channel, ledger = observed_aio_channel([server.address])
         stub = conference_pb2_grpc.ConferenceStub(channel)
         await channel.channel_ready()
         await asyncio.to_thread(server.stop, None)
         # The server says NOT_SERVING as it shuts down, then its connection goes.
-        down = backend_of(channel, server.address)
-        await eventually(lambda: down.connectivity is TRANSIENT_FAILURE)
+        await eventually(
+            lambda: backend_of(channel, server.address).connectivity is TRANSIENT_FAILURE
+        )
 
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -416,10 +433,7 @@ def test_backend_channel_gone_idle_is_reconnected(backends: BackendFactory) -> N
         # gRPC drops it after the client idle timeout.
         options = [("grpc.client_idle_timeout_ms", 200)]
         async with balanced([server], options=options, health_check_service=None) as c:
-            core = c.channel._core
-            seen: list[grpc.ChannelConnectivity] = []
-            report = core._on_connectivity
-            core._on_connectivity = lambda b, state: (seen.append(state), report(b, state))  # type: ignore[method-assign]
+            seen = c.ledger.connectivity.setdefault(server.address, [])
             await c.stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
             await eventually(lambda: grpc.ChannelConnectivity.IDLE in seen)
             reply = await c.stub.Ping(pb.PingRequest(payload="again"), timeout=RPC_TIMEOUT)
@@ -437,27 +451,26 @@ def test_never_sent_unary_calls_are_repicked_streams_are_not(
 
     async def body() -> None:
         await asyncio.to_thread(dead.stop, None)
-        channel = grpc_leastconn.aio.insecure_channel(
+        channel, ledger = observed_aio_channel(
             [live.address, dead.address], health_check_service=None
         )
-        ledger = Ledger(channel)
         stub = conference_pb2_grpc.ConferenceStub(channel)
-        core = channel._core
-        gone = backend_of(channel, dead.address)
+        core = ledger.core
+        gone = ledger.backend(dead.address)
         await eventually(lambda: gone.connectivity is TRANSIENT_FAILURE)
         hold = endless_join(stub, timeout=30.0)
         await hold.read()
 
         # A backend the balancer believes READY, whose connection is gone: a
         # race with its failure that a real fleet loses now and then.
-        core._on_connectivity(gone, READY)
+        core.on_connectivity(gone, READY)
         stream = endless_join(stub)  # least loaded: the dead one
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await stream.read()
         assert info.value.code() is grpc.StatusCode.UNAVAILABLE
         assert ledger.picked[dead.address] == 1
 
-        core._on_connectivity(gone, READY)
+        core.on_connectivity(gone, READY)
         pings = [stub.Ping(pb.PingRequest(payload=str(i)), timeout=RPC_TIMEOUT) for i in range(2)]
         replies = await asyncio.gather(*pings)
         assert [reply.backend for reply in replies] == [live.name, live.name]
@@ -590,13 +603,20 @@ class FakeResolver:
         self._released.set()
 
 
-def dns_channel(port: int, **kwargs: Any) -> tuple[grpc_leastconn.aio.LeastConnChannel, Any]:
-    channel = grpc_leastconn.aio.insecure_channel(
-        f"localhost:{port}", resolve_min_interval=0.05, resolve_max_interval=0.1, **kwargs
+def dns_channel(
+    port: int, **kwargs: Any
+) -> tuple[grpc_leastconn.aio.LeastConnChannel, FakeResolver, Ledger]:
+    target = f"localhost:{port}"
+    fake = FakeResolver(list(Resolver(parse_target(target)).resolve().addresses))
+    ledger = Ledger()
+    channel = open_aio_channel(
+        target,
+        seams=Seams(resolver=fake, observer=ledger),
+        resolve_min_interval=0.05,
+        resolve_max_interval=0.1,
+        **kwargs,
     )
-    fake = FakeResolver([b.address for b in channel._core._balancer.backends])
-    channel._core.resolver = fake  # type: ignore[assignment]
-    return channel, fake
+    return channel, fake, ledger
 
 
 def test_removed_backend_drains_its_streams_then_closes(
@@ -605,10 +625,10 @@ def test_removed_backend_drains_its_streams_then_closes(
     leaving, staying = backends(2)
 
     async def body() -> None:
-        channel, fake = dns_channel(leaving.port)
+        channel, fake, ledger = dns_channel(leaving.port)
         stub = conference_pb2_grpc.ConferenceStub(channel)
         await all_eligible(channel)
-        old = backend_of(channel, leaving.address)
+        old = ledger.backend(leaving.address).channel.grpc_channel
         stream = endless_join(stub, timeout=30.0)
         await stream.read()
 
@@ -623,7 +643,7 @@ def test_removed_backend_drains_its_streams_then_closes(
 
         stream.cancel()
         await eventually(lambda: channel.connection_table() == {staying.address: 0})
-        await eventually(lambda: old.leaf.channel.get_state() is SHUTDOWN)
+        await eventually(lambda: old.get_state() is SHUTDOWN)
         assert await server_until(leaving.servicer, lambda s: s.live == 0, SETTLE_S)
         await channel.close()
 
@@ -640,7 +660,7 @@ def test_drain_timeout_cancels_streams_left_on_a_removed_backend(
     drain_timeout = 0.3
 
     async def body() -> None:
-        channel, fake = dns_channel(leaving.port, drain_timeout=drain_timeout)
+        channel, fake, _ = dns_channel(leaving.port, drain_timeout=drain_timeout)
         stub = conference_pb2_grpc.ConferenceStub(channel)
         await all_eligible(channel)
         stream = endless_join(stub, timeout=30.0)
@@ -669,7 +689,7 @@ def test_drain_timeout_holds_while_a_resolution_hangs(backends: BackendFactory) 
     drain_timeout = 0.3
 
     async def body() -> None:
-        channel, fake = dns_channel(leaving.port, drain_timeout=drain_timeout)
+        channel, fake, _ = dns_channel(leaving.port, drain_timeout=drain_timeout)
         stub = conference_pb2_grpc.ConferenceStub(channel)
         await all_eligible(channel)
         stream = endless_join(stub, timeout=30.0)

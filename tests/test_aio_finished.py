@@ -21,8 +21,7 @@ from typing import Any
 import grpc
 import pytest
 from aio_support import RPC_TIMEOUT, SETTLE_S, eventually, run
-
-from grpc_leastconn.aio._finished import FinishedCall
+from seams import FinishedCall
 
 SERVICE = "test.Outcomes"
 # Each call type; request streams both from an iterator and written.

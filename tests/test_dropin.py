@@ -25,7 +25,7 @@ import grpc
 import pytest
 import server as example_server
 from grpc_health.v1 import health_pb2
-from helpers import BackendFactory, wait_until
+from helpers import BackendFactory, all_eligible, observed_channel, state_of, wait_until
 
 import grpc_leastconn
 
@@ -68,9 +68,7 @@ def closed_port() -> int:
 
 def wait_eligible(channel: grpc_leastconn.LeastConnChannel) -> None:
     """Until every backend can take calls, the first ready one takes them all."""
-    wait_until(
-        lambda: all(b.eligible for b in channel._core._balancer.backends), timeout=RPC_TIMEOUT
-    )
+    wait_until(lambda: all_eligible(channel), timeout=RPC_TIMEOUT)
 
 
 def wait_idle(channel: grpc_leastconn.LeastConnChannel, servers: list[Any]) -> None:
@@ -365,8 +363,7 @@ def test_wait_for_ready_deadline_covers_the_wait_for_a_backend(
     ]
     channel = lc_channel(f"127.0.0.1:{port}", options=fast_reconnect)
     stub = conference_pb2_grpc.ConferenceStub(channel)
-    (backend,) = channel._core._balancer.backends
-    wait_until(lambda: backend.connectivity == TRANSIENT_FAILURE, RPC_TIMEOUT)
+    wait_until(lambda: channel.backends()[0].connectivity == TRANSIENT_FAILURE, RPC_TIMEOUT)
     started = time.monotonic()
     outcome: dict[str, Any] = {}
 
@@ -541,7 +538,7 @@ def test_close_cancels_in_flight_rpcs_and_refuses_new_ones(
     backends: BackendFactory, lc_channel: Callable[..., Any]
 ) -> None:
     servers = backends(2)
-    channel = lc_channel(addresses(servers))
+    channel, ledger = observed_channel(addresses(servers))
     stub = conference_pb2_grpc.ConferenceStub(channel)
     wait_eligible(channel)
     joins = [stub.Join(pb.JoinRequest(duration_ms=0), timeout=30.0) for _ in range(4)]
@@ -559,7 +556,6 @@ def test_close_cancels_in_flight_rpcs_and_refuses_new_ones(
         channel.connection_table()
     )
     assert channel.connection_table() == dict.fromkeys(addresses(servers), 3)
-    known = channel._core._balancer.backends
 
     channel.close()
     for server in servers:
@@ -571,7 +567,8 @@ def test_close_cancels_in_flight_rpcs_and_refuses_new_ones(
         assert info.value.code() == grpc.StatusCode.CANCELLED
     for future in (ping, upload):
         assert future.exception(timeout=RPC_TIMEOUT).code() == grpc.StatusCode.CANCELLED
-    wait_until(lambda: all(b.in_flight == 0 for b in known), 1.0)
+    wait_until(lambda: ledger.picked == ledger.released, 1.0)
+    ledger.check()
     upload_gate.set()
     assert_refuses_calls(channel)
     channel.close()  # a second close is harmless
@@ -646,11 +643,11 @@ def test_slow_subscriber_still_ends_on_the_current_state(
     def slow(state: grpc.ChannelConnectivity) -> None:
         if not first.is_set():
             first.set()
-            wait_until(lambda: channel._core._balancer.aggregate_state() == READY, RPC_TIMEOUT)
+            wait_until(lambda: any(s.eligible for s in channel.backends()), RPC_TIMEOUT)
         log(state)
 
     channel.subscribe(slow, try_to_connect=True)
-    wait_until(lambda: channel._core._balancer.aggregate_state() == READY, RPC_TIMEOUT)
+    wait_until(lambda: any(s.eligible for s in channel.backends()), RPC_TIMEOUT)
     assert log.wait_for(lambda states: READY in states), log.states
     assert log.wait_for(lambda states: len(states) >= 2 or states == [READY]), log.states
     assert log.states[-1] == READY, [s.name for s in log.states]
@@ -688,9 +685,8 @@ def test_dead_backend_is_skipped_once_detected(
     dead = f"127.0.0.1:{closed_port()}"
     channel = lc_channel([dead, *addresses(servers)])
     stub = conference_pb2_grpc.ConferenceStub(channel)
-    by_key = {b.key: b for b in channel._core._balancer.backends}
-    wait_until(lambda: by_key[dead].connectivity == TRANSIENT_FAILURE, RPC_TIMEOUT)
-    wait_until(lambda: all(by_key[s.address].eligible for s in servers), RPC_TIMEOUT)
+    wait_until(lambda: state_of(channel, dead).connectivity == TRANSIENT_FAILURE, RPC_TIMEOUT)
+    wait_until(lambda: all(state_of(channel, s.address).eligible for s in servers), RPC_TIMEOUT)
     for i in range(30):
         assert stub.Ping(pb.PingRequest(payload=str(i)), timeout=RPC_TIMEOUT).payload == str(i)
     streams = [stub.Join(pb.JoinRequest(duration_ms=0), timeout=30.0) for _ in range(6)]
@@ -717,10 +713,10 @@ def test_backend_that_goes_away_stops_being_picked(
     stub = conference_pb2_grpc.ConferenceStub(channel)
     for _ in range(8):
         stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
-    wait_until(lambda: all(b.connectivity == READY for b in channel._core._balancer.backends))
-    gone = {b.key: b for b in channel._core._balancer.backends}[servers[0].address]
+    wait_until(lambda: all(s.connectivity == READY for s in channel.backends()))
+    gone = servers[0].address
     servers[0].stop(None)
-    wait_until(lambda: not gone.eligible, 3.0, message=repr(gone))
+    wait_until(lambda: not state_of(channel, gone).eligible, 3.0, message=gone)
     for i in range(12):
         assert stub.Ping(pb.PingRequest(payload=str(i)), timeout=RPC_TIMEOUT).payload == str(i)
 

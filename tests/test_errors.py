@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
-from grpc_leastconn._errors import FailedCall, never_sent
-from grpc_leastconn._target import Address
+from seams import Address, FailedCall, never_sent
 
 V4 = Address("127.0.0.1", 5001)
 V6 = Address("::1", 5001)

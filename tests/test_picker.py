@@ -5,8 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-
-from grpc_leastconn._picker import LeastConnPicker, Node
+from seams import LeastConnPicker, Node
 
 
 def _nodes(n: int) -> list[Node]:

@@ -19,32 +19,17 @@ import conference_pb2 as pb
 import conference_pb2_grpc
 import grpc
 import pytest
-from helpers import BackendFactory, wait_until
+from helpers import BackendFactory, Ledger, all_eligible, observed_channel, wait_until
+from seams import TIE_BREAKS, Address, Balancer
 
 import grpc_leastconn
-from grpc_leastconn._balancer import Balancer
-from grpc_leastconn._picker import TIE_BREAKS, LeastConnPicker
-from grpc_leastconn._target import Address
 
 RPC_TIMEOUT = 10.0
+# A channel, its backends and the Ledger observing its balancer.
+Fixture = tuple[grpc_leastconn.LeastConnChannel, list[Any], Ledger]
 JOIN_TIMEOUT_S = 30.0
 READY = grpc.ChannelConnectivity.READY
 TRANSIENT_FAILURE = grpc.ChannelConnectivity.TRANSIENT_FAILURE
-
-
-def check_picker(picker: LeastConnPicker, eligible: list[Any]) -> None:
-    """The picker's own check, plus: every eligible backend sits in the bucket
-    of its count, and the lowest bucket is the true minimum."""
-    picker.check_invariants()
-    assert picker.size == len(eligible)
-    for index, bucket in enumerate(picker._buckets):
-        members = [node for node in eligible if node.in_flight == index]
-        assert bucket.size == len(members), (index, bucket.size, members)
-    for node in eligible:
-        assert node.in_picker
-        assert node.in_flight >= 0
-    if eligible:
-        assert picker._lowest == min(node.in_flight for node in eligible)
 
 
 def run_threads(targets: list[Callable[[], None]], timeout: float) -> None:
@@ -67,50 +52,15 @@ def run_threads(targets: list[Callable[[], None]], timeout: float) -> None:
         raise errors[0]
 
 
-class Ledger:
-    """Picks and releases per backend, at the channel's balancer.
-
-    An extra release raises on grpcio's callback thread, where it is only
-    logged, and a double release with other RPCs in flight would not raise
-    at all; counting both sides catches either.
-    """
-
-    def __init__(self, channel: grpc_leastconn.LeastConnChannel) -> None:
-        balancer = channel._core._balancer
-        self._lock = threading.Lock()
-        self.picked: Counter[str] = Counter()
-        self.released: Counter[str] = Counter()
-        pick, release = balancer.pick, balancer.release
-
-        def counted_pick() -> Any:
-            backend = pick()
-            if backend is not None:
-                with self._lock:
-                    self.picked[backend.key] += 1
-            return backend
-
-        def counted_release(backend: Any) -> Any:
-            with self._lock:
-                self.released[backend.key] += 1
-            return release(backend)
-
-        balancer.pick = counted_pick  # type: ignore[method-assign]
-        balancer.release = counted_release  # type: ignore[method-assign]
-
-    def check(self) -> None:
-        with self._lock:
-            assert self.picked == self.released, (self.picked, self.released)
-
-
 @pytest.fixture
-def channel_to(backends: BackendFactory) -> Iterator[Callable[[int], tuple[Any, list[Any]]]]:
+def channel_to(backends: BackendFactory) -> Iterator[Callable[[int], Fixture]]:
     channels: list[grpc_leastconn.LeastConnChannel] = []
 
-    def make(n: int) -> tuple[grpc_leastconn.LeastConnChannel, list[Any]]:
+    def make(n: int) -> Fixture:
         servers = backends(n)
-        channel = grpc_leastconn.insecure_channel([s.address for s in servers])
+        channel, ledger = observed_channel([s.address for s in servers])
         channels.append(channel)
-        return channel, servers
+        return channel, servers, ledger
 
     yield make
     for channel in channels:
@@ -119,10 +69,7 @@ def channel_to(backends: BackendFactory) -> Iterator[Callable[[int], tuple[Any, 
 
 def wait_all_ready(channel: grpc_leastconn.LeastConnChannel) -> None:
     # Until every backend can take calls, the first ready one takes them all.
-    wait_until(
-        lambda: all(b.eligible for b in channel._core._balancer.backends),
-        timeout=RPC_TIMEOUT,
-    )
+    wait_until(lambda: all_eligible(channel), timeout=RPC_TIMEOUT)
 
 
 def assert_idle(channel: grpc_leastconn.LeastConnChannel, servers: list[Any]) -> None:
@@ -174,21 +121,21 @@ def test_balancer_under_an_external_lock_stays_exact(tie_break: str) -> None:
     def observer() -> None:
         for _ in range(2000):
             with lock:
-                check_picker(balancer._picker, balancer.backends)
+                balancer.check_invariants()
 
     run_threads([*(lambda s=s: worker(s) for s in range(8)), observer], timeout=60)
-    check_picker(balancer._picker, balancer.backends)
+    balancer.check_invariants()
     assert balancer.connection_table() == dict.fromkeys((b.key for b in balancer.backends), 0)
     assert sum(picks.values()) > 8 * 1000
 
 
 def test_core_acquire_release_with_connectivity_churn(
-    channel_to: Callable[[int], tuple[Any, list[Any]]],
+    channel_to: Callable[[int], Fixture],
 ) -> None:
-    channel, servers = channel_to(4)
+    channel, servers, ledger = channel_to(4)
     wait_all_ready(channel)
-    core = channel._core
-    backends = core._balancer.backends
+    core = ledger.core
+    backends = [ledger.backend(s.address) for s in servers]
     picked: Counter[str] = Counter()
     picked_lock = threading.Lock()
     done = threading.Event()
@@ -219,19 +166,16 @@ def test_core_acquire_release_with_connectivity_churn(
             flips_during_work += 1
             victims = rng.sample(backends, rng.randint(1, len(backends)))
             for backend in victims:
-                core._on_connectivity(backend, TRANSIENT_FAILURE)
-            with core._lock:
-                check_picker(core._balancer._picker, [b for b in backends if b.eligible])
+                core.on_connectivity(backend, TRANSIENT_FAILURE)
+            ledger.check_invariants()
             for backend in victims:
-                core._on_connectivity(backend, READY)
+                core.on_connectivity(backend, READY)
 
     def observer() -> None:
         for _ in range(2000):
             if done.is_set():
                 break
-            with core._lock:
-                check_picker(core._balancer._picker, [b for b in backends if b.eligible])
-                assert all(b.in_flight >= 0 for b in backends)
+            ledger.check_invariants()
 
     workers = [lambda s=s: worker(s) for s in range(8)]
 
@@ -242,12 +186,11 @@ def test_core_acquire_release_with_connectivity_churn(
             done.set()
 
     run_threads([workers_then_done, churn, observer], timeout=90)
-    with core._lock:
-        check_picker(core._balancer._picker, backends)
+    ledger.check_invariants()
     assert channel.connection_table() == dict.fromkeys((s.address for s in servers), 0)
     assert sum(picked.values()) > 8 * 1000
     assert flips_during_work > 10, "the churn did not overlap the picks"
-    # The real sub-channels never left READY; the core must agree again.
+    # The real backend channels never left READY; the core must agree again.
     assert all(b.eligible for b in backends)
 
 
@@ -284,10 +227,9 @@ def one_rpc(stub: conference_pb2_grpc.ConferenceStub, rng: random.Random) -> str
 
 
 def test_mixed_rpcs_from_many_threads(
-    channel_to: Callable[[int], tuple[Any, list[Any]]],
+    channel_to: Callable[[int], Fixture],
 ) -> None:
-    channel, servers = channel_to(4)
-    ledger = Ledger(channel)
+    channel, servers, ledger = channel_to(4)
     stub = conference_pb2_grpc.ConferenceStub(channel)
     kinds: Counter[str] = Counter()
     kinds_lock = threading.Lock()
@@ -328,9 +270,9 @@ def test_mixed_rpcs_from_many_threads(
 
 @pytest.mark.parametrize("n_streams", [14, 16])
 def test_concurrently_opened_streams_are_level(
-    channel_to: Callable[[int], tuple[Any, list[Any]]], n_streams: int
+    channel_to: Callable[[int], Fixture], n_streams: int
 ) -> None:
-    channel, servers = channel_to(4)
+    channel, servers, _ = channel_to(4)
     stub = conference_pb2_grpc.ConferenceStub(channel)
     wait_all_ready(channel)
     opened = threading.Barrier(n_streams + 1, timeout=RPC_TIMEOUT)

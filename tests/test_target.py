@@ -6,10 +6,9 @@ import json
 import types
 
 import pytest
+from seams import Address, Resolver, channel_options, parse_target
 
 import grpc_leastconn
-from grpc_leastconn._resolver import Resolver
-from grpc_leastconn._target import Address, parse_target, subchannel_options
 
 
 def _addresses(target: object) -> list[str]:
@@ -46,12 +45,12 @@ def test_dns_names_keep_their_authority() -> None:
     target = parse_target("dns:///localhost:5001")
     address = Resolver(target).resolve().addresses[0]
     assert address.authority == "localhost:5001"
-    options = dict(subchannel_options(None, address))
+    options = dict(channel_options(None, address))
     assert options["grpc.default_authority"] == "localhost:5001"
 
 
 def test_literal_addresses_get_no_authority_override() -> None:
-    options = dict(subchannel_options([("x", 1)], Address("127.0.0.1", 1)))
+    options = dict(channel_options([("x", 1)], Address("127.0.0.1", 1)))
     assert options == {
         "x": 1,
         "grpc.use_local_subchannel_pool": 1,
@@ -62,7 +61,7 @@ def test_literal_addresses_get_no_authority_override() -> None:
 
 def test_user_options_win() -> None:
     address = Address("127.0.0.1", 1, "name:1")
-    options = subchannel_options(
+    options = channel_options(
         [
             ("grpc.default_authority", "mine"),
             ("grpc.use_local_subchannel_pool", 0),
@@ -81,7 +80,7 @@ def test_user_options_win() -> None:
 
 def test_user_service_config_keeps_its_settings_and_gains_a_reconnecting_policy() -> None:
     config = json.dumps({"methodConfig": [{"name": [{}], "timeout": "1s"}]})
-    options = dict(subchannel_options([("grpc.service_config", config)], Address("127.0.0.1", 1)))
+    options = dict(channel_options([("grpc.service_config", config)], Address("127.0.0.1", 1)))
     assert json.loads(options["grpc.service_config"]) == {
         "methodConfig": [{"name": [{}], "timeout": "1s"}],
         "loadBalancingConfig": [{"round_robin": {}}],
@@ -177,6 +176,8 @@ def test_public_surface_is_exact() -> None:
     import grpc_leastconn.aio
 
     assert sorted(grpc_leastconn.__all__) == [
+        "BackendState",
+        "Health",
         "LeastConnChannel",
         "aio",
         "insecure_channel",

@@ -1,11 +1,8 @@
 """Health checking (asyncio): one grpc.health.v1 Watch stream per backend, as a task.
 
-Same rules as the sync watcher (gRFC A17): the backend may take calls only
-while the Watch says SERVING; a server without the health service
-(UNIMPLEMENTED) is healthy, and is watched again only on its next
-connection; a broken Watch is re-established with exponential backoff and
-jitter, reset once a message arrives. The Watch uses wait_for_ready, so
-while the backend is down it waits for the sub-channel to reconnect.
+The task reads the Watch and follows the shared policy (``_core.health``,
+gRFC A17) for every answer and every end. The Watch uses wait_for_ready, so
+while the backend is down it waits for the backend channel to reconnect.
 """
 
 from __future__ import annotations
@@ -16,11 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from .._backoff import Backoff
-from .._balancer import Health
-from .._health import health_from_response
+from .._core.backend import Health
+from .._core.backoff import Backoff
+from .._core.health import WatchPolicy
 
 
 class HealthWatcher:
@@ -36,11 +33,10 @@ class HealthWatcher:
         name: str,
     ) -> None:
         self._watch = health_pb2_grpc.HealthStub(channel).Watch
-        self._request = health_pb2.HealthCheckRequest(service=service)
+        self._policy = WatchPolicy(service, backoff)
         self._on_health = on_health
-        self._backoff = backoff
         self._stopped = asyncio.Event()
-        # Set when the sub-channel leaves READY: the connection the last
+        # Set when the backend channel leaves READY: the connection the last
         # Watch ran on is gone.
         self._connection_lost = asyncio.Event()
         self._call: Any = None
@@ -49,14 +45,13 @@ class HealthWatcher:
         )
 
     async def _run(self) -> None:
-        attempt = 0
+        policy = self._policy
         while not self._stopped.is_set():
             self._connection_lost.clear()
-            self._call = call = self._watch(self._request, wait_for_ready=True)
+            self._call = call = self._watch(policy.request, wait_for_ready=True)
             try:
                 async for response in call:
-                    attempt = 0
-                    self._on_health(health_from_response(response))
+                    self._on_health(policy.answered(response))
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
@@ -68,28 +63,24 @@ class HealthWatcher:
                 raise
             if self._stopped.is_set():
                 return
-            if code is grpc.StatusCode.UNIMPLEMENTED:
-                # gRFC A17: no retry on this connection; the next one is
-                # watched again (the server may have been replaced).
-                self._on_health(Health.UNIMPLEMENTED)
+            end = policy.ended(code)
+            self._on_health(end.health)
+            if end.retry_after is None:
                 await self._connection_lost.wait()
                 if self._stopped.is_set():
                     return
-                self._on_health(Health.PENDING)
-                continue
-            # Until a new Watch answers, the backend's health is not known.
-            self._on_health(Health.PENDING)
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._backoff.delay(attempt)):
-                    await self._stopped.wait()
-            attempt += 1
+                self._on_health(policy.reconnected())
+            else:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(end.retry_after):
+                        await self._stopped.wait()
 
     def connectivity_changed(self, state: grpc.ChannelConnectivity) -> None:
         if state is not grpc.ChannelConnectivity.READY:
             self._connection_lost.set()
 
     def stop(self) -> None:
-        """End the watch; the task returns at once (see SubChannel.close)."""
+        """End the watch; the task returns at once (see BackendChannel.close)."""
         self._stopped.set()
         self._connection_lost.set()
         if self._call is not None:

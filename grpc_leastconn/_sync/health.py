@@ -1,10 +1,9 @@
-"""Health checking (sync): one grpc.health.v1 Watch stream per backend.
+"""Health checking (sync): one grpc.health.v1 Watch stream per backend, on a thread.
 
-gRFC A17 semantics: the backend may take calls only while the Watch says
-SERVING; a server without the health service (UNIMPLEMENTED) is healthy; a
-broken Watch is re-established with exponential backoff and jitter, reset
-once a message arrives. The Watch uses wait_for_ready, so while the backend
-is down it simply waits for the sub-channel to reconnect.
+The thread reads the Watch and follows the shared policy (``_core.health``,
+gRFC A17) for every answer and every end. The Watch uses wait_for_ready, so
+while the backend is down it simply waits for the backend channel to
+reconnect.
 """
 
 from __future__ import annotations
@@ -14,21 +13,11 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2_grpc
 
-from ._backoff import Backoff
-from ._balancer import Health
-
-_STATUS = {
-    health_pb2.HealthCheckResponse.SERVING: Health.SERVING,
-    health_pb2.HealthCheckResponse.NOT_SERVING: Health.NOT_SERVING,
-    health_pb2.HealthCheckResponse.SERVICE_UNKNOWN: Health.SERVICE_UNKNOWN,
-    health_pb2.HealthCheckResponse.UNKNOWN: Health.UNKNOWN,
-}
-
-
-def health_from_response(response: Any) -> Health:
-    return _STATUS.get(response.status, Health.UNKNOWN)
+from .._core.backend import Health
+from .._core.backoff import Backoff
+from .._core.health import WatchPolicy
 
 
 class HealthWatcher:
@@ -44,13 +33,12 @@ class HealthWatcher:
         name: str,
     ) -> None:
         self._watch = health_pb2_grpc.HealthStub(channel).Watch
-        self._request = health_pb2.HealthCheckRequest(service=service)
+        self._policy = WatchPolicy(service, backoff)
         self._on_health = on_health
-        self._backoff = backoff
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._call: Any = None
-        # Set when the sub-channel leaves READY: the connection the last
+        # Set when the backend channel leaves READY: the connection the last
         # Watch ran on is gone.
         self._connection_lost = threading.Event()
         self._thread = threading.Thread(
@@ -59,36 +47,30 @@ class HealthWatcher:
         self._thread.start()
 
     def _run(self) -> None:
-        attempt = 0
+        policy = self._policy
         while not self._stopped.is_set():
             with self._lock:
                 if self._stopped.is_set():
                     return
                 self._connection_lost.clear()
-                self._call = call = self._watch(self._request, wait_for_ready=True)
+                self._call = call = self._watch(policy.request, wait_for_ready=True)
             try:
                 for response in call:
-                    attempt = 0
-                    self._on_health(health_from_response(response))
+                    self._on_health(policy.answered(response))
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
             if self._stopped.is_set():
                 return
-            if code is grpc.StatusCode.UNIMPLEMENTED:
-                # gRFC A17: no retry on this connection; the next one is
-                # watched again (the server may have been replaced).
-                self._on_health(Health.UNIMPLEMENTED)
+            end = policy.ended(code)
+            self._on_health(end.health)
+            if end.retry_after is None:
                 self._connection_lost.wait()
                 if self._stopped.is_set():
                     return
-                self._on_health(Health.PENDING)
-                continue
-            # Until a new Watch answers, the backend's health is not known.
-            self._on_health(Health.PENDING)
-            if self._stopped.wait(self._backoff.delay(attempt)):
+                self._on_health(policy.reconnected())
+            elif self._stopped.wait(end.retry_after):
                 return
-            attempt += 1
 
     def connectivity_changed(self, state: grpc.ChannelConnectivity) -> None:
         if state is not grpc.ChannelConnectivity.READY:

@@ -1,4 +1,4 @@
-"""RPC failures raised before any sub-channel is involved."""
+"""An RPC that failed before any backend channel was involved, as a grpc call object."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 import grpc
-
-from ._target import Address
 
 
 class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[type-arg]
@@ -91,32 +89,3 @@ class FailedCall(grpc.RpcError, grpc.Call, grpc.Future):  # type: ignore[type-ar
 
     def __next__(self) -> NoReturn:
         raise self
-
-
-# C-core's details when a sub-channel's own load-balancing pick fails
-# (pick_first and round_robin): the RPC never got a stream, so the request
-# never left this process.
-_PICK_FAILURES = ("failed to connect to all addresses", "connections to all backends failing")
-
-
-def never_sent(error: grpc.RpcError, address: Address) -> bool:
-    """True when the RPC failed before any byte of it reached ``address``.
-
-    Only then is it safe to send the same request to another backend: a
-    failure after the stream started (reset, GOAWAY, server crash) may have
-    been processed, and is left to the caller. A backend can relay the same
-    words from its own upstream channel, so the details must also name the
-    sub-channel's own address, as C-core's "last error" does
-    ("...; last error: UNKNOWN: ipv4:10.0.0.7:50051: Connection refused").
-    """
-    code = getattr(error, "code", None)
-    details = getattr(error, "details", None)
-    if not callable(code) or not callable(details):
-        return False
-    text = str(details() or "")
-    if code() is not grpc.StatusCode.UNAVAILABLE or not text.startswith(_PICK_FAILURES):
-        return False
-    # C-core percent-encodes the brackets of an IPv6 target.
-    own = address.subchannel_target()
-    names = (f"{own}: ", f"{own.replace('[', '%5B').replace(']', '%5D')}: ")
-    return any(name in text for name in names)

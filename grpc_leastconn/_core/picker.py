@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import functools
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Final, Literal, Protocol
 
 TieBreak = Literal["round_robin", "random", "youngest"]
@@ -226,10 +226,23 @@ class LeastConnPicker:
             if count - 1 < self._lowest:
                 self._lowest = count - 1
 
-    def check_invariants(self) -> None:
-        """Assert the bucket structure is consistent (for tests)."""
+    def check_invariants(self, eligible: Sequence[Node] | None = None) -> None:
+        """Assert the bucket structure is consistent (for tests).
+
+        Given the nodes that should be eligible, also assert that each sits in
+        the bucket of its count and that the lowest bucket is their minimum.
+        """
         total = sum(bucket.size for bucket in self._buckets)
         assert total == self.size, (total, self.size)
         if self.size:
             assert self._buckets[self._lowest].size > 0, "lowest bucket is empty"
             assert all(bucket.size == 0 for bucket in self._buckets[: self._lowest])
+        if eligible is None:
+            return
+        assert self.size == len(eligible), (self.size, len(eligible))
+        for count, bucket in enumerate(self._buckets):
+            members = [node for node in eligible if node.in_flight == count]
+            assert bucket.size == len(members), (count, bucket.size, members)
+        assert all(node.in_picker and node.in_flight >= 0 for node in eligible)
+        if eligible:
+            assert self._lowest == min(node.in_flight for node in eligible)

@@ -9,11 +9,9 @@ Python list or tuple of ``"host:port"`` strings is accepted too.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
 
 # gRPC naming: "If no port is specified, 443 is used".
 DEFAULT_PORT = 443
@@ -31,7 +29,8 @@ class Address:
     host: str
     port: int
     # The DNS name (and port) the address was resolved from, as the user wrote
-    # it; sub-channels use it as :authority and TLS name. None for IP literals.
+    # it; its backend channel uses it as :authority and TLS name. None for IP
+    # literals.
     authority: str | None = None
 
     @property
@@ -43,56 +42,12 @@ class Address:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
 
-    def subchannel_target(self) -> str:
-        # An explicit ipv4:/ipv6: target keeps C-core from resolving again.
+    def channel_target(self) -> str:
+        """The target of this address's backend channel.
+
+        An explicit ipv4:/ipv6: target keeps C-core from resolving again.
+        """
         return f"ipv6:{self}" if self.is_ipv6 else f"ipv4:{self}"
-
-
-def subchannel_options(
-    options: Sequence[tuple[str, Any]] | None, address: Address
-) -> list[tuple[str, Any]]:
-    """The user's channel options plus what each backend's channel needs."""
-    merged = list(options or ())
-    given = {name for name, _ in merged}
-    # C-core shares connections between channels with equal arguments through
-    # a global pool; a local pool keeps this balanced channel's connections
-    # its own, so its counts describe connections nothing else loads.
-    if "grpc.use_local_subchannel_pool" not in given:
-        merged.append(("grpc.use_local_subchannel_pool", 1))
-    # The channel dials an IP, but :authority and TLS hostname verification
-    # must use the name the user asked for, as with grpcio's dns resolver.
-    # C-core verifies the server certificate against the default authority.
-    if address.authority is not None and "grpc.default_authority" not in given:
-        merged.append(("grpc.default_authority", address.authority))
-    # Reconnect within seconds of a backend's return; gRPC's default
-    # backoff ceiling is 120 s.
-    if "grpc.max_reconnect_backoff_ms" not in given:
-        merged.append(("grpc.max_reconnect_backoff_ms", 10_000))
-    return [with_reconnecting_policy(option) for option in merged] + (
-        [] if "grpc.service_config" in given else [("grpc.service_config", _LEAF_SERVICE_CONFIG)]
-    )
-
-
-# round_robin over the one address: after a disconnect it reconnects by
-# itself with backoff, where pick_first would go IDLE and wait for a call
-# that least-connection will never send to a backend that is not READY.
-_LEAF_POLICY: list[dict[str, Any]] = [{"round_robin": {}}]
-_LEAF_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": _LEAF_POLICY})
-
-
-def with_reconnecting_policy(option: tuple[str, Any]) -> tuple[str, Any]:
-    name, value = option
-    if name != "grpc.service_config":
-        return option
-    try:
-        config = json.loads(value)
-    except (TypeError, ValueError) as exc:
-        raise ValueError(f"option grpc.service_config is not valid JSON: {exc}") from None
-    if not isinstance(config, dict):
-        raise ValueError("option grpc.service_config must be a JSON object")
-    if "loadBalancingConfig" in config or "loadBalancingPolicy" in config:
-        return option
-    return name, json.dumps({**config, "loadBalancingConfig": _LEAF_POLICY})
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,4 +1,4 @@
-"""Sub-channel (asyncio): one real grpc.aio.Channel per backend address."""
+"""Backend channel (asyncio): one real grpc.aio.Channel per backend address."""
 
 from __future__ import annotations
 
@@ -10,11 +10,10 @@ from typing import Any
 
 import grpc
 
-from .._backoff import Backoff
-from .._balancer import Health
-from .._settings import Settings
-from .._target import Address, subchannel_options
-from ._health import HealthWatcher
+from .._core.backend import Health
+from .._core.backend_options import BackendChannelSpec
+from .._core.backoff import Backoff
+from .health import HealthWatcher
 
 _READY = grpc.ChannelConnectivity.READY
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
@@ -23,7 +22,7 @@ _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 _SWEEP_AT_LEAST = 1024
 
 
-class SubChannel:
+class BackendChannel:
     """A backend's own grpc.aio.Channel, reporting connectivity and health upward.
 
     Both reports arrive from tasks on the loop that built it, so they need no
@@ -32,24 +31,23 @@ class SubChannel:
 
     def __init__(
         self,
-        address: Address,
-        settings: Settings,
+        spec: BackendChannelSpec,
         *,
+        name: str,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None,
+        health_check_service: str | None,
         health_backoff: Backoff,
         on_connectivity: Callable[[grpc.ChannelConnectivity], None],
         on_health: Callable[[Health], None],
     ) -> None:
-        self.address = address
-        options = subchannel_options(settings.options, address)
-        target = address.subchannel_target()
-        if settings.credentials is None:
-            self.channel = grpc.aio.insecure_channel(
-                target, options, settings.compression, interceptors
+        options = list(spec.options)
+        if spec.credentials is None:
+            self.grpc_channel = grpc.aio.insecure_channel(
+                spec.target, options, spec.compression, interceptors
             )
         else:
-            self.channel = grpc.aio.secure_channel(
-                target, settings.credentials, options, settings.compression, interceptors
+            self.grpc_channel = grpc.aio.secure_channel(
+                spec.target, spec.credentials, options, spec.compression, interceptors
             )
         self._report_connectivity = on_connectivity
         # The RPCs sent through this channel, for the front end to settle
@@ -59,18 +57,18 @@ class SubChannel:
         self._until_sweep = _SWEEP_AT_LEAST
         self._health = (
             None
-            if settings.health_check_service is None
+            if health_check_service is None
             else HealthWatcher(
-                self.channel,
-                settings.health_check_service,
+                self.grpc_channel,
+                health_check_service,
                 on_health,
                 backoff=health_backoff,
-                name=str(address),
+                name=name,
             )
         )
         self._watcher = asyncio.get_running_loop().create_task(
-            _watch_connectivity(self.channel, self._on_connectivity),
-            name=f"grpc_leastconn connectivity {address}",
+            _watch_connectivity(self.grpc_channel, self._on_connectivity),
+            name=f"grpc_leastconn connectivity {name}",
         )
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
@@ -79,7 +77,7 @@ class SubChannel:
             self._health.connectivity_changed(state)
         self._report_connectivity(state)
 
-    def track(self, rpc: Any) -> None:
+    def remember(self, rpc: Any) -> None:
         """Remember, weakly, an RPC sent through this channel."""
         self._rpcs.append(weakref.ref(rpc))
         self._until_sweep -= 1
@@ -88,12 +86,17 @@ class SubChannel:
             rpcs[:] = [ref for ref in rpcs if ref() is not None]
             self._until_sweep = max(_SWEEP_AT_LEAST, len(rpcs))
 
-    def tracked(self) -> list[Any]:
+    def remembered(self) -> list[Any]:
         """The RPCs sent through this channel that are still alive."""
         return [rpc for ref in self._rpcs if (rpc := ref()) is not None]
 
+    @property
+    def remembered_count(self) -> int:
+        """References kept, dead ones included until the next sweep (for tests)."""
+        return len(self._rpcs)
+
     def connect(self) -> None:
-        self.channel.get_state(try_to_connect=True)
+        self.grpc_channel.get_state(try_to_connect=True)
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel, cancelling its RPCs after ``grace``; stop reporting."""
@@ -104,7 +107,7 @@ class SubChannel:
             # garbage collection.
             self._health.stop()
             await self._health.wait_stopped()
-        await self.channel.close(grace)
+        await self.grpc_channel.close(grace)
         # Cancelled: grpc.aio reports SHUTDOWN to a watcher only once every
         # call object of the channel is gone, and callers may hold theirs.
         self._watcher.cancel()

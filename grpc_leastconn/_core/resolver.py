@@ -16,7 +16,7 @@ import dns.exception
 import dns.rdatatype
 import dns.resolver
 
-from ._target import Address, Endpoint, Target
+from .target import Address, Endpoint, Target
 
 GetAddrInfo = Callable[..., list[Any]]
 

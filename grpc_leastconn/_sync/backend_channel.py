@@ -1,45 +1,42 @@
-"""Sub-channel (sync): one real grpc.Channel per backend address."""
+"""Backend channel (sync): one real grpc.Channel per backend address."""
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Callable
 
 import grpc
 
-from ._backoff import Backoff
-from ._balancer import Health
-from ._health import HealthWatcher
-from ._target import Address, subchannel_options
+from .._core.backend import Health
+from .._core.backend_options import BackendChannelSpec
+from .._core.backoff import Backoff
+from .health import HealthWatcher
 
 
 def _ignore(state: grpc.ChannelConnectivity) -> None:
     pass
 
 
-class SubChannel:
+class BackendChannel:
     """A backend's own grpc.Channel, reporting connectivity and health upward."""
 
     def __init__(
         self,
-        address: Address,
+        spec: BackendChannelSpec,
         *,
-        credentials: grpc.ChannelCredentials | None,
-        options: Sequence[tuple[str, Any]] | None,
-        compression: grpc.Compression | None,
+        name: str,
         health_check_service: str | None,
         health_backoff: Backoff,
         on_connectivity: Callable[[grpc.ChannelConnectivity], None],
         on_health: Callable[[Health], None],
     ) -> None:
-        self.address = address
-        merged = subchannel_options(options, address)
-        target = address.subchannel_target()
-        if credentials is None:
-            self.channel = grpc.insecure_channel(target, merged, compression)
+        options = list(spec.options)
+        if spec.credentials is None:
+            self.grpc_channel = grpc.insecure_channel(spec.target, options, spec.compression)
         else:
-            self.channel = grpc.secure_channel(target, credentials, merged, compression)
+            self.grpc_channel = grpc.secure_channel(
+                spec.target, spec.credentials, options, spec.compression
+            )
         self._report_connectivity = on_connectivity
         self._closing_lock = threading.Lock()
         self._closing = False
@@ -47,16 +44,16 @@ class SubChannel:
             None
             if health_check_service is None
             else HealthWatcher(
-                self.channel,
+                self.grpc_channel,
                 health_check_service,
                 on_health,
                 backoff=health_backoff,
-                name=str(address),
+                name=name,
             )
         )
         # try_to_connect: connect now, so the backend is READY before the
         # first pick needs it.
-        self.channel.subscribe(self._on_connectivity, try_to_connect=True)
+        self.grpc_channel.subscribe(self._on_connectivity, try_to_connect=True)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
         # The health watcher first: a new connection must be watched anew.
@@ -70,8 +67,8 @@ class SubChannel:
             # while closing: the poller would ask a closed channel and fail.
             with self._closing_lock:
                 if not self._closing:
-                    self.channel.subscribe(_ignore, try_to_connect=True)
-                    self.channel.unsubscribe(_ignore)
+                    self.grpc_channel.subscribe(_ignore, try_to_connect=True)
+                    self.grpc_channel.unsubscribe(_ignore)
         self._report_connectivity(state)
 
     def close(self) -> None:
@@ -79,5 +76,5 @@ class SubChannel:
             self._closing = True
         if self._health is not None:
             self._health.stop()
-        self.channel.unsubscribe(self._on_connectivity)
-        self.channel.close()
+        self.grpc_channel.unsubscribe(self._on_connectivity)
+        self.grpc_channel.close()

@@ -1,7 +1,9 @@
 """Channel settings shared by both front ends, validated once at construction.
 
-Bad input fails here, before anything connects, with a message that names
-the bad part (ValueError for a bad value, TypeError for a wrong type).
+The tuning keywords every factory takes are declared once, in ``Tuning``;
+the factories accept them as ``**tuning: Unpack[Tuning]``. Bad input fails
+here, before anything connects, with a message that names the bad part
+(ValueError for a bad value, TypeError for a wrong type).
 """
 
 from __future__ import annotations
@@ -10,15 +12,19 @@ import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TypedDict
 
 import grpc
 
-from ._picker import TIE_BREAKS, TieBreak
-from ._target import Target, parse_target, with_reconnecting_policy
+from .backend_options import Option, with_reconnecting_policy
+from .picker import TIE_BREAKS, TieBreak
+from .target import Target, parse_target
 
-Options = Sequence[tuple[str, Any]] | None
+Options = Sequence[Option] | None
 
+DEFAULT_TIE_BREAK: TieBreak = "round_robin"
+# "" asks about the whole server (grpc.health.v1 convention).
+DEFAULT_HEALTH_CHECK_SERVICE = ""
 DEFAULT_RESOLVE_MIN_INTERVAL = 1.0
 DEFAULT_RESOLVE_MAX_INTERVAL = 30.0
 # Long enough for typical streams to end by themselves after a backend
@@ -26,11 +32,31 @@ DEFAULT_RESOLVE_MAX_INTERVAL = 30.0
 DEFAULT_DRAIN_TIMEOUT = 600.0
 
 
+class Tuning(TypedDict, total=False):
+    """The balancing keywords of every factory, sync and asyncio (see the README)."""
+
+    tie_break: TieBreak
+    """Among backends with the same count: "round_robin", "youngest" or "random"."""
+    health_check_service: str | None
+    """grpc.health.v1 service watched on every backend; "" the whole server, None off."""
+    resolve_min_interval: float
+    """Seconds: DNS is asked again at most this often."""
+    resolve_max_interval: float
+    """Seconds: DNS is asked again at least this often."""
+    drain_timeout: float | None
+    """Seconds a backend that left DNS may keep its calls; None for no limit."""
+    rng: random.Random | None
+    """Randomness of the "random" tie-break and of backoff jitter."""
+
+
+_TUNING_KEYWORDS = frozenset(Tuning.__annotations__)
+
+
 @dataclass(frozen=True, slots=True)
 class Settings:
     target: Target
     credentials: grpc.ChannelCredentials | None
-    options: tuple[tuple[str, Any], ...]
+    options: tuple[Option, ...]
     compression: grpc.Compression | None
     tie_break: TieBreak
     rng: random.Random | None
@@ -39,41 +65,56 @@ class Settings:
     resolve_max_interval: float
     drain_timeout: float | None
 
+    @property
+    def health_checking(self) -> bool:
+        return self.health_check_service is not None
+
 
 def make_settings(
+    factory: str,
     target: str | Sequence[str],
-    *,
     credentials: grpc.ChannelCredentials | None,
     options: Options,
     compression: grpc.Compression | None,
-    tie_break: TieBreak,
-    rng: random.Random | None,
-    health_check_service: str | None,
-    resolve_min_interval: float,
-    resolve_max_interval: float,
-    drain_timeout: float | None,
+    tuning: Tuning,
 ) -> Settings:
+    """Validate a factory's arguments; ``factory`` names it in errors."""
+    unknown = sorted(set(tuning) - _TUNING_KEYWORDS)
+    if unknown:
+        raise TypeError(f"{factory}() got an unexpected keyword argument {unknown[0]!r}")
     parsed = parse_target(target)
+    tie_break = tuning.get("tie_break", DEFAULT_TIE_BREAK)
     if not isinstance(tie_break, str):
         raise TypeError(f"tie_break must be a str, not {type(tie_break).__name__}")
     if tie_break not in TIE_BREAKS:
         raise ValueError(f"tie_break must be one of {', '.join(TIE_BREAKS)}; got {tie_break!r}")
+    rng = tuning.get("rng")
     if rng is not None and not isinstance(rng, random.Random):
         raise TypeError(f"rng must be a random.Random, not {type(rng).__name__}")
     if compression is not None and not isinstance(compression, grpc.Compression):
         raise TypeError(f"compression must be a grpc.Compression, not {type(compression).__name__}")
+    health_check_service = tuning.get("health_check_service", DEFAULT_HEALTH_CHECK_SERVICE)
     if health_check_service is not None and not isinstance(health_check_service, str):
         raise TypeError(
             "health_check_service must be a str ('' = whole server) or None (off), "
             f"not {type(health_check_service).__name__}"
         )
-    min_interval = _seconds("resolve_min_interval", resolve_min_interval, positive=True)
-    max_interval = _seconds("resolve_max_interval", resolve_max_interval, positive=True)
+    min_interval = _seconds(
+        "resolve_min_interval",
+        tuning.get("resolve_min_interval", DEFAULT_RESOLVE_MIN_INTERVAL),
+        positive=True,
+    )
+    max_interval = _seconds(
+        "resolve_max_interval",
+        tuning.get("resolve_max_interval", DEFAULT_RESOLVE_MAX_INTERVAL),
+        positive=True,
+    )
     if max_interval < min_interval:
         raise ValueError(
             f"resolve_max_interval ({max_interval:g}) is below "
             f"resolve_min_interval ({min_interval:g})"
         )
+    drain_timeout = tuning.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
     drain = None if drain_timeout is None else _seconds("drain_timeout", drain_timeout)
     return Settings(
         target=parsed,
@@ -107,7 +148,7 @@ def _seconds(name: str, value: object, *, positive: bool = False) -> float:
     return seconds
 
 
-def _check_options(options: object) -> tuple[tuple[str, Any], ...]:
+def _check_options(options: object) -> tuple[Option, ...]:
     if options is None:
         return ()
     if not isinstance(options, (list, tuple)):

@@ -1,14 +1,14 @@
 """Balancer: owns every backend's state and applies events one at a time.
 
 Events are address sets from the resolver, connectivity changes of each
-sub-channel, health reports, picks and releases. The balancer decides which
-backends are eligible and keeps the picker in step; it never does I/O, never
-starts threads and never blocks. Each front end serializes calls into it (a
-lock in the sync front end, the event loop in the asyncio one) and carries out
-what the return values ask for: open a sub-channel, close one.
+backend channel, health reports, picks and releases. The balancer decides
+which backends are eligible and keeps the picker in step; it never does I/O,
+never starts threads and never blocks. Each front end serializes calls into
+it (a lock in the sync front end, the event loop in the asyncio one) and
+carries out what the return values ask for: open a backend channel, close one.
 
-A backend is eligible when it is in the current address set, its
-sub-channel is READY and its health check (if any) says it may serve.
+A backend is eligible when it is in the current address set, its backend
+channel is READY and its health check (if any) says it may serve.
 """
 
 from __future__ import annotations
@@ -18,111 +18,38 @@ import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from enum import Enum
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic
 
 import grpc
 
-from ._picker import LeastConnPicker, Node, TieBreak
-from ._target import Address
+from .backend import Backend, BackendState, ChannelT, Health
+from .picker import LeastConnPicker, TieBreak
+from .target import Address
+
+if TYPE_CHECKING:
+    from .seams import Observer
 
 log = logging.getLogger("grpc_leastconn")
 
-Leaf = TypeVar("Leaf")
 Clock = Callable[[], float]
 
 _Connectivity = grpc.ChannelConnectivity
 
 
-class Health(Enum):
-    """A backend's grpc.health.v1 status as the balancer uses it (gRFC A17)."""
-
-    # Health checking is off for this channel: the connection state decides.
-    DISABLED = "DISABLED"
-    # Watch not answered yet: like gRFC A17's CONNECTING, not yet eligible.
-    PENDING = "PENDING"
-    SERVING = "SERVING"
-    NOT_SERVING = "NOT_SERVING"
-    SERVICE_UNKNOWN = "SERVICE_UNKNOWN"
-    UNKNOWN = "UNKNOWN"
-    # gRFC A17: a server without the health service is treated as healthy.
-    UNIMPLEMENTED = "UNIMPLEMENTED"
-
-    @property
-    def may_serve(self) -> bool:
-        return self in _MAY_SERVE
-
-
-_MAY_SERVE = frozenset({Health.DISABLED, Health.SERVING, Health.UNIMPLEMENTED})
-
-
-class Backend(Node, Generic[Leaf]):
-    """One backend address, its in-flight count and its sub-channel."""
-
-    __slots__ = (
-        "address",
-        "connectivity",
-        "drain_deadline",
-        "health",
-        "key",
-        "leaf",
-        "removed",
-        "warned_unimplemented",
-    )
-
-    def __init__(self, address: Address, health: Health) -> None:
-        super().__init__()
-        self.address = address
-        self.key = str(address)
-        self.connectivity = _Connectivity.IDLE
-        self.health = health
-        self.removed = False
-        self.drain_deadline: float | None = None
-        self.leaf: Leaf | None = None
-        # Each new connection is watched anew; say it has no health service once.
-        self.warned_unimplemented = False
-
-    @property
-    def eligible(self) -> bool:
-        return (
-            not self.removed and self.connectivity is _Connectivity.READY and self.health.may_serve
-        )
-
-    @property
-    def starting(self) -> bool:
-        """Not eligible yet, but on its way: connecting or awaiting its first health report."""
-        if self.removed:
-            return False
-        if self.connectivity in (_Connectivity.IDLE, _Connectivity.CONNECTING):
-            return True
-        return self.connectivity is _Connectivity.READY and self.health is Health.PENDING
-
-    def problem(self) -> str:
-        """Why it is not eligible, for error details and logs."""
-        if self.removed:
-            return "DRAINING"
-        if self.connectivity is not _Connectivity.READY:
-            return self.connectivity.name
-        if not self.health.may_serve:
-            return self.health.value
-        return "READY"
-
-    def __repr__(self) -> str:
-        return f"Backend({self.key}, in_flight={self.in_flight}, {self.problem()})"
-
-
 @dataclass(slots=True)
-class AddressChange(Generic[Leaf]):
+class AddressChange(Generic[ChannelT]):
     """What the front end must do after a new address set."""
 
-    added: list[Backend[Leaf]] = field(default_factory=list)
-    # Removed backends with nothing in flight: close their sub-channels now.
+    added: list[Backend[ChannelT]] = field(default_factory=list)
+    # Removed backends with nothing in flight: close their backend channels now.
     # The others drain: each is returned by release() once its last RPC ends,
     # or by expired_drains() when the drain timeout passes.
-    to_close: list[Backend[Leaf]] = field(default_factory=list)
+    to_close: list[Backend[ChannelT]] = field(default_factory=list)
 
 
-class Balancer(Generic[Leaf]):
+class Balancer(Generic[ChannelT]):
+    """All backends of one channel: the current set, the draining ones, the picker."""
+
     def __init__(
         self,
         target: str,
@@ -132,33 +59,43 @@ class Balancer(Generic[Leaf]):
         health_checking: bool = True,
         drain_timeout: float | None = None,
         clock: Clock = time.monotonic,
+        observer: Observer | None = None,
     ) -> None:
         self.target = target
         self._picker = LeastConnPicker(tie_break, rng)
+        self._observer = observer
+        # The hot path calls the observer only for the hooks it overrides.
+        self._on_release = (
+            observer.on_release if observer is not None and observer.watches("on_release") else None
+        )
         # The eligible backend with the fewest in-flight RPCs, counted +1
         # (None if none is eligible): the picker's own method, with no
-        # call of ours around it on the hot path.
-        self.pick: Callable[[], Backend[Leaf] | None] = self._picker.pick  # type: ignore[assignment]
-        self._backends: dict[Address, Backend[Leaf]] = {}
+        # call of ours around it on the hot path unless someone observes.
+        self.pick: Callable[[], Backend[ChannelT] | None] = (
+            self._observed_pick
+            if observer is not None and observer.watches("on_pick")
+            else self._picker.pick  # type: ignore[assignment]
+        )
+        self._backends: dict[Address, Backend[ChannelT]] = {}
         # Removed from the address set, with RPCs still running: no new picks.
-        self._draining: dict[Backend[Leaf], None] = {}
+        self._draining: dict[Backend[ChannelT], None] = {}
         self._initial_health = Health.PENDING if health_checking else Health.DISABLED
         self._drain_timeout = drain_timeout
-        self._clock = clock
+        self.clock = clock
         self.closed = False
 
-    # -- events from the resolver and the sub-channels ---------------------
+    # -- events from the resolver and the backend channels -------------------
 
-    def set_addresses(self, addresses: Iterable[Address]) -> AddressChange[Leaf]:
+    def set_addresses(self, addresses: Iterable[Address]) -> AddressChange[ChannelT]:
         wanted = dict.fromkeys(addresses)
-        change: AddressChange[Leaf] = AddressChange()
+        change: AddressChange[ChannelT] = AddressChange()
         for address in [a for a in self._backends if a not in wanted]:
             backend = self._backends.pop(address)
             backend.removed = True
             self._picker.remove(backend)
             if backend.in_flight:
                 if self._drain_timeout is not None:
-                    backend.drain_deadline = self._clock() + self._drain_timeout
+                    backend.drain_deadline = self.clock() + self._drain_timeout
                 self._draining[backend] = None
                 log.info(
                     "backend %s removed from %r: draining %d RPCs",
@@ -179,22 +116,30 @@ class Balancer(Generic[Leaf]):
                 log.info("backend %s added to %r", backend.key, self.target)
         return change
 
-    def set_connectivity(self, backend: Backend[Leaf], state: grpc.ChannelConnectivity) -> bool:
-        """Record a sub-channel's state; True when eligibility changed."""
-        if backend.connectivity is state:
+    def set_connectivity(self, backend: Backend[ChannelT], state: grpc.ChannelConnectivity) -> bool:
+        """Record a backend channel's state; True when it changed anything.
+
+        Reports about removed backends (draining, or closed) change nothing.
+        """
+        if backend.connectivity is state or backend.removed:
             return False
         before = backend.eligible
         backend.connectivity = state
         log.debug("backend %s of %r is %s", backend.key, self.target, state.name)
-        return self._refresh(backend, before)
+        if self._observer is not None:
+            self._observer.on_connectivity(backend, state)
+        self._refresh(backend, before)
+        return True
 
-    def set_health(self, backend: Backend[Leaf], health: Health) -> bool:
-        """Record a health report; True when eligibility changed."""
-        if backend.health is health:
+    def set_health(self, backend: Backend[ChannelT], health: Health) -> bool:
+        """Record a health report; True when it changed anything (as set_connectivity)."""
+        if backend.health is health or backend.removed:
             return False
         before = backend.health
         was_eligible = backend.eligible
         backend.health = health
+        if self._observer is not None:
+            self._observer.on_health(backend, health)
         if health is Health.UNIMPLEMENTED:
             if not backend.warned_unimplemented:
                 backend.warned_unimplemented = True
@@ -207,19 +152,26 @@ class Balancer(Generic[Leaf]):
             log.warning("backend %s of %r is %s", backend.key, self.target, health.value)
         elif health is Health.SERVING and before not in (Health.PENDING, Health.DISABLED):
             log.info("backend %s of %r is %s again", backend.key, self.target, health.value)
-        return self._refresh(backend, was_eligible)
+        self._refresh(backend, was_eligible)
+        return True
 
-    def _refresh(self, backend: Backend[Leaf], was_eligible: bool) -> bool:
+    def _refresh(self, backend: Backend[ChannelT], was_eligible: bool) -> None:
         now = backend.eligible
         if now and not was_eligible:
             self._picker.add(backend)
         elif was_eligible and not now:
             self._picker.remove(backend)
-        return now != was_eligible
 
     # -- the hot path -------------------------------------------------------
 
-    def pick_excluding(self, excluded: Iterable[Backend[Leaf]]) -> Backend[Leaf] | None:
+    def _observed_pick(self) -> Backend[ChannelT] | None:
+        backend: Backend[ChannelT] | None = self._picker.pick()  # type: ignore[assignment]
+        if backend is not None:
+            assert self._observer is not None
+            self._observer.on_pick(backend)
+        return backend
+
+    def pick_excluding(self, excluded: Iterable[Backend[ChannelT]]) -> Backend[ChannelT] | None:
         """A pick that skips backends an RPC already failed to reach."""
         skipped = [backend for backend in excluded if backend.in_picker]
         for backend in skipped:
@@ -230,12 +182,14 @@ class Balancer(Generic[Leaf]):
             for backend in skipped:
                 self._picker.add(backend)
 
-    def release(self, backend: Backend[Leaf]) -> bool:
+    def release(self, backend: Backend[ChannelT]) -> bool:
         """gRFC A48: count an RPC as ended, whatever its status.
 
         True when the backend was draining and this was its last RPC: the
-        front end closes its sub-channel now.
+        front end closes its backend channel now.
         """
+        if self._on_release is not None:
+            self._on_release(backend)
         self._picker.release(backend)
         if backend.removed and backend.in_flight == 0 and backend in self._draining:
             del self._draining[backend]
@@ -245,9 +199,9 @@ class Balancer(Generic[Leaf]):
 
     # -- timers ---------------------------------------------------------------
 
-    def expired_drains(self) -> list[Backend[Leaf]]:
+    def expired_drains(self) -> list[Backend[ChannelT]]:
         """Draining backends past the drain timeout: close them, cancelling their RPCs."""
-        now = self._clock()
+        now = self.clock()
         expired = [
             b for b in self._draining if b.drain_deadline is not None and b.drain_deadline <= now
         ]
@@ -268,8 +222,28 @@ class Balancer(Generic[Leaf]):
     # -- views ----------------------------------------------------------------
 
     @property
-    def backends(self) -> list[Backend[Leaf]]:
+    def backends(self) -> list[Backend[ChannelT]]:
+        """The current address set's backends (not the draining ones)."""
         return list(self._backends.values())
+
+    def backend(self, address: str) -> Backend[ChannelT]:
+        """The current backend for ``"host:port"``; KeyError if there is none."""
+        for backend in self._backends.values():
+            if backend.key == address:
+                return backend
+        raise KeyError(address)
+
+    def states(self) -> tuple[BackendState, ...]:
+        """Every backend, the current set's first, then those draining."""
+        return tuple(b.state() for b in (*self._backends.values(), *self._draining))
+
+    def check_invariants(self) -> None:
+        """Assert that every count and the picker agree (for tests)."""
+        eligible = [b for b in self._backends.values() if b.eligible]
+        self._picker.check_invariants(eligible)
+        for backend in (*self._backends.values(), *self._draining):
+            assert backend.in_flight >= 0, backend
+            assert backend.in_picker == backend.eligible, backend
 
     @property
     def has_eligible(self) -> bool:
@@ -309,8 +283,8 @@ class Balancer(Generic[Leaf]):
         listed = ", ".join(f"{b.key} {b.problem()}" for b in backends)
         return f"no healthy backend for {self.target!r} ({len(backends)} known: {listed})"
 
-    def close(self) -> list[Backend[Leaf]]:
-        """Forget every backend; the front end closes all their sub-channels."""
+    def close(self) -> list[Backend[ChannelT]]:
+        """Forget every backend; the front end closes all their backend channels."""
         self.closed = True
         backends = [*self._backends.values(), *self._draining]
         for backend in backends:

@@ -1,0 +1,1 @@
+"""The asyncio front end: a ``grpc.aio.Channel`` over the shared core, driven by tasks."""

@@ -1,0 +1,255 @@
+"""The asyncio channel's core: the balancer on the event loop, its backend channels, its events.
+
+Everything runs on the event loop that built the channel: picks, releases,
+connectivity and health reports, the answers of re-resolution. One thread,
+and no await between reading the balancer and changing it, so the balancer
+needs no lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import grpc
+
+from .._core.backend import Backend, BackendState, Health
+from .._core.backend_options import backend_channel_spec
+from .._core.backoff import Backoff
+from .._core.balancer import Balancer
+from .._core.maintenance import MaintenancePlan, Step, resolve_initial
+from .._core.resolver import Resolution, Resolver
+from .._core.rules import Report, make_balancer, no_backend
+from .._core.seams import Seams
+from .._core.settings import Settings
+from .._core.target import Address
+from .backend_channel import BackendChannel
+from .maintenance import Timer
+
+if TYPE_CHECKING:
+    from .rpc import Rpc
+
+_Backend = Backend[BackendChannel]
+_T = TypeVar("_T")
+Interceptors = Sequence[grpc.aio.ClientInterceptor] | None
+
+_SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+# grpc.aio's own words for this case, so callers see the same text.
+CLOSED_DETAILS = "Channel is closed."
+
+
+class Closed(Exception):
+    """The channel closed while an RPC waited for a backend."""
+
+
+class Core:
+    """Balancer + backend channels + tasks: what the channel and its calls share."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        interceptors: Interceptors,
+        loop: asyncio.AbstractEventLoop,
+        seams: Seams,
+    ) -> None:
+        self.settings = settings
+        self.target = settings.target.text
+        self.loop = loop
+        self._interceptors = interceptors
+        self._balancer: Balancer[BackendChannel] = make_balancer(settings, seams)
+        # The hot path's pick: a backend, counted, or None (see ``pick``).
+        self.pick_now = self._balancer.pick
+        # Replaced on every change that could make a backend eligible or
+        # change the aggregate state, and on close: whoever waits on the old
+        # one looks again.
+        self._changed = asyncio.Event()
+        self._health_backoff = Backoff(rng=settings.rng)
+        # Backend channels being closed; the loop keeps only weak references to tasks.
+        self._closing: set[asyncio.Task[None]] = set()
+        self.resolver = seams.resolver or Resolver(settings.target)
+        first = resolve_initial(self.resolver)
+        self.plan = MaintenancePlan.for_target(settings, first, seams.clock)
+        self._timer: Timer | None = None
+        if seams.observer is not None:
+            seams.observer.on_attach(self)
+        self.apply(first.addresses)
+        if self.plan.needed:
+            self._timer = Timer(self)
+
+    def apply(self, addresses: Sequence[Address]) -> None:
+        if self._balancer.closed:
+            return
+        change = self._balancer.set_addresses(addresses)
+        for backend in change.added:
+            self._open(backend)
+        for backend in change.to_close:
+            self._close_channel(backend)
+        self._notify()
+
+    def _open(self, backend: _Backend) -> None:
+        settings = self.settings
+        backend.channel = BackendChannel(
+            backend_channel_spec(
+                backend.address, settings.options, settings.credentials, settings.compression
+            ),
+            name=backend.key,
+            interceptors=self._interceptors,
+            health_check_service=settings.health_check_service,
+            health_backoff=self._health_backoff,
+            on_connectivity=Report(self.on_connectivity, backend),
+            on_health=Report(self.on_health, backend),
+        )
+
+    def _close_channel(self, backend: _Backend) -> None:
+        if backend.channel is None:
+            return
+        task = self.loop.create_task(self._retire(backend))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _retire(self, backend: _Backend, grace: float | None = None) -> None:
+        """Close a backend's channel, then let go of the calls it carried.
+
+        Calls the application still holds would keep the connection open
+        (see FinishedCall); closing the channel has ended them all.
+        """
+        channel = backend.channel
+        assert channel is not None
+        await channel.close(grace)
+        rpc: Rpc
+        for rpc in channel.remembered():
+            await rpc.settle(backend)
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    # -- hot path -------------------------------------------------------------
+
+    def pick(self, wait_for_ready: bool | None, deadline: float | None) -> _Backend | None:
+        """A backend for one RPC (counted), None to wait for one, or raise how it ends."""
+        backend = self._balancer.pick()
+        if backend is None:
+            if self._balancer.closed:
+                raise Closed
+            remaining = None if deadline is None else deadline - self.loop.time()
+            failure = no_backend(self._balancer, wait_for_ready, remaining)
+            if failure is not None:
+                code, details = failure
+                raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+        return backend
+
+    async def acquire(self, wait_for_ready: bool | None, deadline: float | None) -> _Backend:
+        """Wait until ``pick`` gives a backend or says how the RPC ends."""
+        while True:
+            changed = self._changed
+            backend = self.pick(wait_for_ready, deadline)
+            if backend is not None:
+                return backend
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await changed.wait()
+
+    def pick_excluding(self, failed: Iterable[_Backend]) -> _Backend | None:
+        return self._balancer.pick_excluding(failed)
+
+    def release(self, backend: _Backend) -> None:
+        if self._balancer.release(backend):
+            self._close_channel(backend)
+
+    # -- events ---------------------------------------------------------------
+
+    def on_connectivity(self, backend: _Backend, state: grpc.ChannelConnectivity) -> None:
+        """A backend channel's new connectivity state."""
+        if not self._balancer.set_connectivity(backend, state):
+            return
+        self._notify()
+        if self.plan.connectivity_changed(state) and self._timer is not None:
+            self._timer.wake()
+
+    def on_health(self, backend: _Backend, health: Health) -> None:
+        """A backend's new health, from its Watch."""
+        if self._balancer.set_health(backend, health):
+            self._notify()
+
+    # -- maintenance (the timer task) -------------------------------------------
+
+    def maintain(self) -> Step[BackendChannel]:
+        """Carry out what the maintenance plan says is due now."""
+        if self._balancer.closed:
+            return Step()
+        step = self.plan.step(self._balancer)
+        for backend in step.expired:
+            self._close_channel(backend)
+        return step
+
+    def resolved(self, resolution: Resolution | None) -> None:
+        """Apply a re-resolution's answer; a failure (None) keeps the last good set."""
+        if resolution is not None:
+            self.apply(resolution.addresses)
+        self.plan.finished(resolution)
+
+    # -- the channel's own API --------------------------------------------------
+
+    def state(self, try_to_connect: bool) -> grpc.ChannelConnectivity:
+        if try_to_connect:
+            for backend in self._balancer.backends:
+                if backend.channel is not None:
+                    backend.channel.connect()
+        return self._balancer.aggregate_state()
+
+    async def wait_for_state_change(self, last_observed: grpc.ChannelConnectivity) -> None:
+        while True:
+            changed = self._changed
+            state = self._balancer.aggregate_state()
+            if state is not last_observed:
+                return
+            if state is _SHUTDOWN:
+                raise grpc.aio.UsageError(CLOSED_DETAILS)
+            await changed.wait()
+
+    def connection_table(self) -> dict[str, int]:
+        return self._balancer.connection_table()
+
+    def backends(self) -> tuple[BackendState, ...]:
+        return self._balancer.states()
+
+    def inspect(self, look: Callable[[Balancer[BackendChannel]], _T]) -> _T:
+        """``look(balancer)``: a seam for tests that check invariants (call it on the loop)."""
+        return look(self._balancer)
+
+    async def close(self, grace: float | None) -> None:
+        if self._balancer.closed:
+            return
+        backends = self._balancer.close()
+        self._notify()
+        if self._timer is not None:
+            self._timer.stop()
+        channels = [self._retire(b, grace) for b in backends if b.channel is not None]
+        await asyncio.gather(*channels, *self._closing)
+
+    def __del__(self) -> None:
+        # Dropped without close(): close the backend channels on the loop, or
+        # their watcher tasks would keep them open for as long as it runs.
+        with contextlib.suppress(Exception):
+            if not self._balancer.closed:
+                channels = [b.channel for b in self._balancer.close() if b.channel is not None]
+                self.loop.call_soon_threadsafe(_close_orphans, self.loop, channels, self._timer)
+
+
+# Closing tasks of channels dropped unclosed; the loop keeps only weak
+# references to tasks.
+_orphans: set[asyncio.Task[None]] = set()
+
+
+def _close_orphans(
+    loop: asyncio.AbstractEventLoop, channels: list[BackendChannel], timer: Timer | None
+) -> None:
+    if timer is not None:
+        timer.stop()
+    for channel in channels:
+        task = loop.create_task(channel.close())
+        _orphans.add(task)
+        task.add_done_callback(_orphans.discard)

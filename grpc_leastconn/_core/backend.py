@@ -1,0 +1,137 @@
+"""One backend as the balancer sees it: its state, its count, and its public view.
+
+``Backend`` is the balancer's record of one address (a picker node, so its
+in-flight count lives on it); ``BackendState`` is the frozen snapshot of it
+that ``channel.backends()`` hands to users.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Generic, TypeVar
+
+import grpc
+
+from .picker import Node
+from .target import Address
+
+ChannelT = TypeVar("ChannelT")
+
+_Connectivity = grpc.ChannelConnectivity
+
+
+class Health(StrEnum):
+    """A backend's grpc.health.v1 status as the balancer uses it (gRFC A17).
+
+    A ``str`` enum: ``state.health == "SERVING"`` works as well as
+    ``state.health is Health.SERVING``.
+    """
+
+    # Health checking is off for this channel: the connection state decides.
+    DISABLED = "DISABLED"
+    # Watch not answered yet: like gRFC A17's CONNECTING, not yet eligible.
+    PENDING = "PENDING"
+    SERVING = "SERVING"
+    NOT_SERVING = "NOT_SERVING"
+    SERVICE_UNKNOWN = "SERVICE_UNKNOWN"
+    UNKNOWN = "UNKNOWN"
+    # gRFC A17: a server without the health service is treated as healthy.
+    UNIMPLEMENTED = "UNIMPLEMENTED"
+
+    @property
+    def may_serve(self) -> bool:
+        return self in _MAY_SERVE
+
+
+_MAY_SERVE = frozenset({Health.DISABLED, Health.SERVING, Health.UNIMPLEMENTED})
+
+
+@dataclass(frozen=True, slots=True)
+class BackendState:
+    """One backend of a channel, as it stands at the moment of asking.
+
+    ``eligible`` is what decides whether new calls may go there: the address
+    is in the current set (not ``draining``), its connection is ``READY`` and
+    its health allows serving. Calls already running are counted in
+    ``in_flight`` whatever the backend's state.
+    """
+
+    address: str
+    """``"10.0.0.7:50051"`` (``"[::1]:50051"`` for IPv6)."""
+    in_flight: int
+    """RPCs sent there that have not ended yet."""
+    connectivity: grpc.ChannelConnectivity
+    """The state of the backend's own connection."""
+    health: Health
+    """What its grpc.health.v1 Watch says (``DISABLED`` when checking is off)."""
+    draining: bool
+    """It left the address set; its running calls go on to their end."""
+    eligible: bool
+    """It takes new calls now."""
+
+
+class Backend(Node, Generic[ChannelT]):
+    """One backend address, its in-flight count and its backend channel."""
+
+    __slots__ = (
+        "address",
+        "channel",
+        "connectivity",
+        "drain_deadline",
+        "health",
+        "key",
+        "removed",
+        "warned_unimplemented",
+    )
+
+    def __init__(self, address: Address, health: Health) -> None:
+        super().__init__()
+        self.address = address
+        self.key = str(address)
+        self.connectivity = _Connectivity.IDLE
+        self.health = health
+        self.removed = False
+        self.drain_deadline: float | None = None
+        # The backend's own grpc channel, opened by the front end.
+        self.channel: ChannelT | None = None
+        # Each new connection is watched anew; say it has no health service once.
+        self.warned_unimplemented = False
+
+    @property
+    def eligible(self) -> bool:
+        return (
+            not self.removed and self.connectivity is _Connectivity.READY and self.health.may_serve
+        )
+
+    @property
+    def starting(self) -> bool:
+        """Not eligible yet, but on its way: connecting or awaiting its first health report."""
+        if self.removed:
+            return False
+        if self.connectivity in (_Connectivity.IDLE, _Connectivity.CONNECTING):
+            return True
+        return self.connectivity is _Connectivity.READY and self.health is Health.PENDING
+
+    def problem(self) -> str:
+        """Why it is not eligible, for error details and logs."""
+        if self.removed:
+            return "DRAINING"
+        if self.connectivity is not _Connectivity.READY:
+            return self.connectivity.name
+        if not self.health.may_serve:
+            return self.health.value
+        return "READY"
+
+    def state(self) -> BackendState:
+        return BackendState(
+            address=self.key,
+            in_flight=self.in_flight,
+            connectivity=self.connectivity,
+            health=self.health,
+            draining=self.removed,
+            eligible=self.eligible,
+        )
+
+    def __repr__(self) -> str:
+        return f"Backend({self.key}, in_flight={self.in_flight}, {self.problem()})"

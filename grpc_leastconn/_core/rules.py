@@ -1,0 +1,156 @@
+"""The rules every RPC follows, in both front ends.
+
+Each front end has its own machinery (a lock and threads, or the event loop
+and its tasks). What an RPC is subject to is written here once: how it ends
+when no backend is eligible, when it may be sent to another backend after a
+failure, how its count is released exactly once, and how each balanced
+multicallable keeps one inner multicallable per backend.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, Generic, Protocol, TypeVar
+
+import grpc
+
+from .backend import Backend
+from .balancer import Balancer
+from .errors import never_sent
+from .seams import Seams
+from .settings import Settings
+
+InnerT = TypeVar("InnerT")
+ValueT = TypeVar("ValueT")
+ChannelT = TypeVar("ChannelT")
+
+# A re-pick marks nothing; each attempt only skips the backends this RPC
+# already failed to reach. Bounded so a flapping fleet cannot loop a call.
+MAX_REPICKS = 3
+# Inner multicallables kept before those of removed backends are forgotten.
+_INNER_CACHE_PRUNE_AT = 64
+
+
+class Releaser(Protocol):
+    def release(self, backend: Any) -> None: ...
+
+
+def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
+    return Balancer(
+        settings.target.text,
+        tie_break=settings.tie_break,
+        rng=settings.rng,
+        health_checking=settings.health_checking,
+        drain_timeout=settings.drain_timeout,
+        clock=seams.clock,
+        observer=seams.observer,
+    )
+
+
+def no_backend(
+    balancer: Balancer[Any], wait_for_ready: bool | None, remaining: float | None
+) -> tuple[grpc.StatusCode, str] | None:
+    """How an RPC that found no eligible backend ends now; None: it waits.
+
+    Like a gRPC channel: calls queue while some backend is connecting, fail
+    fast once none can serve, and with wait_for_ready wait for one until
+    their deadline.
+    """
+    if not wait_for_ready and not balancer.starting:
+        return grpc.StatusCode.UNAVAILABLE, balancer.unavailable_details()
+    if remaining is not None and remaining <= 0:
+        return (
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            "deadline exceeded while waiting for a backend: " + balancer.unavailable_details(),
+        )
+    return None
+
+
+def may_repick(error: grpc.RpcError, failed: int, backend: Backend[Any]) -> bool:
+    """Whether an RPC that failed on ``backend``, ``failed`` times before, may go elsewhere.
+
+    Only an RPC that never left this process (see never_sent) can be sent
+    again without risk of running twice.
+    """
+    return failed < MAX_REPICKS and never_sent(error, backend.address)
+
+
+class Release:
+    """Done callback that releases one RPC's count exactly once."""
+
+    __slots__ = ("_backend", "_core")
+
+    def __init__(self, core: Releaser, backend: Backend[Any]) -> None:
+        self._core = core
+        self._backend: Backend[Any] | None = backend
+
+    def __call__(self, _call: object = None) -> None:
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            self._core.release(backend)
+
+
+class Report(Generic[ChannelT, ValueT]):
+    """A backend channel's report to its channel's core, delivered while the core lives.
+
+    Backend channels hold their core through a weak reference: their
+    threads and tasks must not keep an abandoned channel alive.
+    """
+
+    __slots__ = ("_backend", "_method")
+
+    def __init__(
+        self, method: Callable[[Backend[ChannelT], ValueT], None], backend: Backend[ChannelT]
+    ) -> None:
+        self._method = weakref.WeakMethod(method)
+        self._backend = backend
+
+    def __call__(self, value: ValueT) -> None:
+        method = self._method()
+        if method is not None:
+            method(self._backend, value)
+
+
+class InnerCache(Generic[InnerT]):
+    """A balanced multicallable's inner multicallables, one per backend.
+
+    grpcio stubs build their multicallables once, and so do we, once per
+    backend, on its first call there. Subclasses say how to open one on a
+    backend channel.
+    """
+
+    __slots__ = ("_core", "_deserializer", "_inner", "_method", "_registered", "_serializer")
+
+    def __init__(
+        self,
+        core: Any,
+        method: str,
+        request_serializer: Callable[[Any], bytes] | None,
+        response_deserializer: Callable[[bytes], Any] | None,
+        registered_method: bool | None,
+    ) -> None:
+        self._core = core
+        self._method = method
+        self._serializer = request_serializer
+        self._deserializer = response_deserializer
+        self._registered = registered_method
+        self._inner: dict[Backend[Any], InnerT] = {}
+
+    def _open(self, channel: Any) -> InnerT:
+        """This method's multicallable on a backend's own grpc channel."""
+        raise NotImplementedError
+
+    def _inner_for(self, backend: Backend[Any]) -> InnerT:
+        return self._inner.get(backend) or self._build(backend)
+
+    def _build(self, backend: Backend[Any]) -> InnerT:
+        assert backend.channel is not None
+        inner = self._open(backend.channel.grpc_channel)
+        if len(self._inner) > _INNER_CACHE_PRUNE_AT:
+            # Forget backends that are gone, so a changing backend set
+            # cannot grow this cache without bound.
+            for old in [b for b in self._inner if b.removed]:
+                del self._inner[old]
+        self._inner[backend] = inner
+        return inner

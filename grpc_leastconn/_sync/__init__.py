@@ -1,0 +1,1 @@
+"""The sync front end: a ``grpc.Channel`` over the shared core, driven by threads."""

@@ -1,0 +1,283 @@
+"""The sync channel's core: the balancer behind one lock, its backend channels, its events.
+
+One lock guards the balancer, held only to pick, to release and to apply an
+event (microseconds, no I/O). Events arrive on grpcio's threads
+(connectivity), on each backend's health thread, and on the timer's
+resolution thread; grpcio's connectivity subscribers are called on one
+delivery thread of ours, in order, outside the lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import TypeVar
+
+import grpc
+
+from .._core.backend import Backend, BackendState, Health
+from .._core.backend_options import backend_channel_spec
+from .._core.backoff import Backoff
+from .._core.balancer import Balancer, log
+from .._core.maintenance import MaintenancePlan, Step, resolve_again, resolve_initial
+from .._core.resolver import Resolver
+from .._core.rules import Report, make_balancer, no_backend
+from .._core.seams import Seams
+from .._core.settings import Settings
+from .._core.target import Address
+from .backend_channel import BackendChannel
+from .failed import FailedCall
+from .maintenance import Timer
+
+_Backend = Backend[BackendChannel]
+_T = TypeVar("_T")
+_Subscriber = Callable[[grpc.ChannelConnectivity], None]
+
+
+class Core:
+    """Balancer + lock + backend channels + timer: what the channel and its calls share."""
+
+    def __init__(self, settings: Settings, seams: Seams) -> None:
+        self.settings = settings
+        self.target = settings.target.text
+        self._lock = threading.Lock()
+        # Notified on every change that could make a backend eligible, and on
+        # close: calls waiting for a backend re-check then.
+        self._changed = threading.Condition(self._lock)
+        self._balancer: Balancer[BackendChannel] = make_balancer(settings, seams)
+        self._health_backoff = Backoff(rng=settings.rng)
+        self._subscribers: dict[_Subscriber, None] = {}
+        self._reported_state: grpc.ChannelConnectivity | None = None
+        self._deliveries: _Deliveries | None = None
+        self._resolver = seams.resolver or Resolver(settings.target)
+        first = resolve_initial(self._resolver)
+        self._plan = MaintenancePlan.for_target(settings, first, seams.clock)
+        # Set before any backend channel exists: their reports read it.
+        self._timer: Timer | None = None
+        if seams.observer is not None:
+            seams.observer.on_attach(self)
+        self._apply(first.addresses)
+        if self._plan.needed:
+            self._timer = Timer(self)
+
+    def _apply(self, addresses: Sequence[Address]) -> None:
+        with self._lock:
+            if self._balancer.closed:
+                return
+            change = self._balancer.set_addresses(addresses)
+            for backend in change.added:
+                self._open(backend)
+        self._close_channels(change.to_close)
+
+    def _open(self, backend: _Backend) -> None:
+        settings = self.settings
+        backend.channel = BackendChannel(
+            backend_channel_spec(
+                backend.address, settings.options, settings.credentials, settings.compression
+            ),
+            name=backend.key,
+            health_check_service=settings.health_check_service,
+            health_backoff=self._health_backoff,
+            on_connectivity=Report(self.on_connectivity, backend),
+            on_health=Report(self.on_health, backend),
+        )
+
+    @staticmethod
+    def _close_channels(backends: Sequence[_Backend]) -> None:
+        channels = [backend.channel for backend in backends if backend.channel is not None]
+        if len(channels) == 1:
+            channels[0].close()
+            return
+        # Side by side: each close waits up to 0.2 s for grpcio's connectivity
+        # poller, which would add up over many backends.
+        closers = [threading.Thread(target=channel.close, daemon=True) for channel in channels]
+        for closer in closers:
+            closer.start()
+        for closer in closers:
+            closer.join()
+
+    # -- hot path -------------------------------------------------------------
+
+    def acquire(self, wait_for_ready: bool | None, timeout: float | None) -> _Backend:
+        """Pick a backend for one RPC (counted) or raise FailedCall."""
+        with self._lock:
+            backend = self._balancer.pick()
+            if backend is None:
+                backend = self._wait_for_backend(wait_for_ready, timeout)
+        return backend
+
+    def release(self, backend: _Backend) -> None:
+        with self._lock:
+            drained = self._balancer.release(backend)
+        if drained and backend.channel is not None:
+            # This may run in the backend channel's own callback thread,
+            # which closing the channel would wait for: close it on another.
+            threading.Thread(target=backend.channel.close, daemon=True).start()
+
+    def _wait_for_backend(self, wait_for_ready: bool | None, timeout: float | None) -> _Backend:
+        # Called with the lock held; see no_backend for when to wait.
+        balancer = self._balancer
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            if balancer.closed:
+                raise ValueError(f"Cannot invoke RPC: channel for {self.target!r} is closed")
+            remaining = None if deadline is None else deadline - time.monotonic()
+            failure = no_backend(balancer, wait_for_ready, remaining)
+            if failure is not None:
+                raise FailedCall(*failure)
+            self._changed.wait(remaining)
+            backend = balancer.pick()
+            if backend is not None:
+                return backend
+
+    def repick(
+        self, failed: Sequence[_Backend], wait_for_ready: bool | None, deadline: float | None
+    ) -> _Backend:
+        """Another backend for an RPC that never reached ``failed`` (see never_sent)."""
+        with self._lock:
+            backend = self._balancer.pick_excluding(failed)
+        if backend is not None:
+            return backend
+        timeout = None if deadline is None else deadline - time.monotonic()
+        return self.acquire(wait_for_ready, timeout)
+
+    # -- events ---------------------------------------------------------------
+
+    def on_connectivity(self, backend: _Backend, state: grpc.ChannelConnectivity) -> None:
+        """A backend channel's new connectivity state."""
+        with self._lock:
+            if not self._balancer.set_connectivity(backend, state):
+                return
+            self._changed.notify_all()
+            wake = self._plan.connectivity_changed(state)
+        if wake and self._timer is not None:
+            self._timer.wake()
+        self._report_state()
+
+    def on_health(self, backend: _Backend, health: Health) -> None:
+        """A backend's new health, from its Watch."""
+        with self._lock:
+            if not self._balancer.set_health(backend, health):
+                return
+            self._changed.notify_all()
+        self._report_state()
+
+    def _report_state(self) -> None:
+        with self._lock:
+            state = self._balancer.aggregate_state()
+            if state == self._reported_state:
+                return
+            self._reported_state = state
+            if self._deliveries is not None:
+                # Queued under the lock: subscribers see states in the order
+                # they happened.
+                for callback in self._subscribers:
+                    self._deliveries.put(callback, state)
+
+    # -- maintenance (the timer's thread) -------------------------------------
+
+    def maintain(self) -> Step[BackendChannel]:
+        """Carry out what the maintenance plan says is due now."""
+        with self._lock:
+            if self._balancer.closed:
+                return Step()
+            step = self._plan.step(self._balancer)
+        self._close_channels(step.expired)
+        return step
+
+    def resolve_now(self) -> None:
+        """Resolve the target and apply the answer; a failure keeps the last good set."""
+        resolution = resolve_again(self._resolver, self.target)
+        if resolution is not None:
+            self._apply(resolution.addresses)
+        with self._lock:
+            self._plan.finished(resolution)
+
+    # -- the channel's own API --------------------------------------------------
+
+    def subscribe(self, callback: _Subscriber, try_to_connect: bool) -> None:
+        # Backends connect as soon as they are known, so try_to_connect has
+        # nothing left to ask for.
+        with self._lock:
+            if self._balancer.closed:
+                return
+            if self._deliveries is None:
+                self._deliveries = _Deliveries(self.target)
+            state = self._balancer.aggregate_state()
+            # A change not reported yet goes to everyone now, so nobody is
+            # left on a stale state; a new subscriber hears the current state
+            # at once, on another thread, as with grpcio.
+            if state != self._reported_state:
+                self._reported_state = state
+                for existing in self._subscribers:
+                    self._deliveries.put(existing, state)
+            self._subscribers[callback] = None
+            self._deliveries.put(callback, state)
+
+    def unsubscribe(self, callback: _Subscriber) -> None:
+        with self._lock:
+            self._subscribers.pop(callback, None)
+
+    def connection_table(self) -> dict[str, int]:
+        with self._lock:
+            return self._balancer.connection_table()
+
+    def backends(self) -> tuple[BackendState, ...]:
+        with self._lock:
+            return self._balancer.states()
+
+    def inspect(self, look: Callable[[Balancer[BackendChannel]], _T]) -> _T:
+        """``look(balancer)`` under the lock: a seam for tests that check invariants."""
+        with self._lock:
+            return look(self._balancer)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._balancer.closed:
+                return
+            backends = self._balancer.close()
+            self._subscribers.clear()
+            if self._deliveries is not None:
+                self._deliveries.stop()
+            self._changed.notify_all()
+        if self._timer is not None:
+            self._timer.stop()
+        self._close_channels(backends)
+
+    def __del__(self) -> None:
+        # At interpreter exit grpcio's own threads are gone and closing a
+        # channel would wait for them forever; the process ends anyway.
+        if sys.is_finalizing():
+            return
+        with contextlib.suppress(Exception):
+            self.close()
+
+
+class _Deliveries:
+    """One thread that calls connectivity subscribers, in order, off our locks."""
+
+    def __init__(self, target: str) -> None:
+        self._queue: queue.SimpleQueue[tuple[_Subscriber, grpc.ChannelConnectivity] | None] = (
+            queue.SimpleQueue()
+        )
+        threading.Thread(
+            target=self._run, name=f"grpc_leastconn subscribers {target}", daemon=True
+        ).start()
+
+    def put(self, callback: _Subscriber, state: grpc.ChannelConnectivity) -> None:
+        self._queue.put((callback, state))
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            callback, state = item
+            try:
+                callback(state)
+            except Exception:
+                log.exception("connectivity callback failed")
