@@ -5,8 +5,8 @@ channels, every stub built once:
 
   raw        grpc.aio.insecure_channel
   leastconn  grpc_leastconn.aio.insecure_channel (one backend, so only the overhead shows)
-  leaf       the sub-channel grpc_leastconn.aio sends through, called directly:
-             leastconn minus leaf is the cost of grpc_leastconn.aio's Python layers
+  backend    the backend channel grpc_leastconn.aio sends through, called directly:
+             leastconn minus backend is the cost of grpc_leastconn.aio's Python layers
 
 each with 1 call in flight (one coroutine awaiting call after call) and with 16 in
 flight (16 tasks doing the same). The backend is overhead.py's server, in a
@@ -52,7 +52,7 @@ import grpc  # noqa: E402
 SEAMS = seams()
 FinishedCall = SEAMS.FinishedCall
 
-VARIANTS = ("raw", "leastconn", "leaf")
+VARIANTS = ("raw", "leastconn", "backend")
 IN_FLIGHT = (1, 16)
 # With 16 in flight a block is 16 tasks of this many calls each: enough that
 # the ramp at the block's start and end, with fewer calls in flight, stays small.
@@ -72,7 +72,7 @@ async def make_variants(address: str) -> tuple[dict[str, Unary], list[Any], Any]
     stubs = {
         "raw": conference_pb2_grpc.ConferenceStub(raw).Ping,
         "leastconn": conference_pb2_grpc.ConferenceStub(lc).Ping,
-        "leaf": conference_pb2_grpc.ConferenceStub(backend.channel.grpc_channel).Ping,
+        "backend": conference_pb2_grpc.ConferenceStub(backend.channel.grpc_channel).Ping,
     }
     return stubs, [raw, lc], core
 
@@ -352,9 +352,9 @@ def main() -> int:
             f"ratios); target >= {TARGET_RATIO}: {'met' if r >= TARGET_RATIO else 'MISSED'}"
         )
 
-    over_leaf = {
+    over_backend = {
         n: statistics.median(
-            x - y for x, y in zip(cpu_us[n, "leastconn"], cpu_us[n, "leaf"], strict=True)
+            x - y for x, y in zip(cpu_us[n, "leastconn"], cpu_us[n, "backend"], strict=True)
         )
         for n in IN_FLIGHT
     }
@@ -362,8 +362,8 @@ def main() -> int:
         f"\nwhere it comes from (us per call): pick + release {m['pick_release_ns'] / 1000:.2f}; "
         f"the whole wrapper without an RPC {m['layers_ns'] / 1000:.2f};\n"
         f"  in the RPC loop leastconn used "
-        + ", ".join(f"{over_leaf[n]:.1f} ({n} in flight)" for n in IN_FLIGHT)
-        + " more client CPU than leaf"
+        + ", ".join(f"{over_backend[n]:.1f} ({n} in flight)" for n in IN_FLIGHT)
+        + " more client CPU than backend"
     )
     n_prof = m["profiled_calls"]
     profiles = m["profiles"]
@@ -398,7 +398,7 @@ def main() -> int:
             "results": results,
             "pick_release_ns": round(m["pick_release_ns"]),
             "layers_ns_warm": round(m["layers_ns"]),
-            "cpu_us_leastconn_over_leaf": {str(n): round(v, 2) for n, v in over_leaf.items()},
+            "cpu_us_leastconn_over_backend": {str(n): round(v, 2) for n, v in over_backend.items()},
             "profile_us_per_call": {
                 name: {pkg: round(us, 2) for pkg, us in by.items()}
                 for name, (by, _, _) in profiles.items()

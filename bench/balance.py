@@ -116,7 +116,7 @@ def wait_until_balanced(policy: str, channel: grpc.Channel, names: set[str]) -> 
                 raise RuntimeError(f"backends not all eligible: {channel.backends()}")
             time.sleep(0.01)
     elif policy == "grpc_round_robin":
-        # grpcio reports READY as soon as one sub-channel is; round_robin only
+        # grpcio reports READY as soon as one connection is; round_robin only
         # rotates over the connected ones.
         ping = conference_pb2_grpc.ConferenceStub(channel).Ping
         seen: set[str] = set()

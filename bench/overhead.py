@@ -5,10 +5,10 @@ channels, the first three with a connection of their own, every stub built once:
 
   raw        grpc.insecure_channel
   leastconn  grpc_leastconn.insecure_channel (one backend, so only the overhead shows)
-  leaf       the sub-channel grpc_leastconn sends through, called directly: leastconn
-             minus leaf is the cost of grpc_leastconn's Python layers, leaf minus raw
-             that of the sub-channel's settings (round_robin over its one address,
-             a local sub-channel pool, health watch stream)
+  backend    the backend channel grpc_leastconn sends through, called directly:
+             leastconn minus backend is the cost of grpc_leastconn's Python layers,
+             backend minus raw that of the backend channel's settings (round_robin
+             over its one address, a local subchannel pool, health watch stream)
   intercept  grpc.intercept_channel with a no-op UnaryUnaryClientInterceptor (reference:
              the usual way to add client-side logic to grpcio)
 
@@ -61,7 +61,7 @@ from grpc_health.v1.health import HealthServicer  # noqa: E402
 SEAMS = seams()
 
 TARGET_RATIO = 0.97
-VARIANTS = ("raw", "leastconn", "leaf", "intercept")
+VARIANTS = ("raw", "leastconn", "backend", "intercept")
 # Calls per block: enough to make the clock reads negligible, few enough
 # (tens of milliseconds) that neighbouring blocks see the same machine load.
 BATCH = 50
@@ -151,7 +151,7 @@ def make_variants(address: str) -> tuple[dict[str, Callable[..., Any]], list[Any
     stubs = {
         "raw": conference_pb2_grpc.ConferenceStub(raw).Ping,
         "leastconn": conference_pb2_grpc.ConferenceStub(lc).Ping,
-        "leaf": conference_pb2_grpc.ConferenceStub(backend.channel.grpc_channel).Ping,
+        "backend": conference_pb2_grpc.ConferenceStub(backend.channel.grpc_channel).Ping,
         "intercept": conference_pb2_grpc.ConferenceStub(intercepted).Ping,
     }
     return stubs, channels, core
@@ -290,7 +290,7 @@ def main() -> int:
             channel.close()
         server.stop()
 
-    others = ("leastconn", "leaf", "intercept")
+    others = ("leastconn", "backend", "intercept")
 
     def per_round(values: dict[str, list[float]], name: str) -> list[float]:
         return [x / y for x, y in zip(values[name], values["raw"], strict=True)]
@@ -346,15 +346,15 @@ def main() -> int:
     )
     raw_us = 1e6 / med["raw"]
     expected = raw_us / (raw_us + cold_ns / 1000)
-    over_leaf = statistics.median(
-        x - y for x, y in zip(cpu_us["leastconn"], cpu_us["leaf"], strict=True)
+    over_backend = statistics.median(
+        x - y for x, y in zip(cpu_us["leastconn"], cpu_us["backend"], strict=True)
     )
     print(
         f"grpc_leastconn's own layers, timed without the RPC: {hot_ns / 1000:.2f} us per call "
         f"with warm caches\n  (lock + pick + release: {balancer_ns / 1000:.2f} us), "
         f"{cold_ns / 1000:.2f} us with the caches evicted before each call, as an RPC does;\n"
-        f"  in the RPC loop above leastconn used {over_leaf:.1f} us more client CPU per call "
-        f"than leaf.\n  The cold cost against {raw_us:.0f} us per raw call predicts "
+        f"  in the RPC loop above leastconn used {over_backend:.1f} us more client CPU per call "
+        f"than backend.\n  The cold cost against {raw_us:.0f} us per raw call predicts "
         f"leastconn/raw = {expected:.4f}"
     )
     print_summary(
@@ -366,17 +366,17 @@ def main() -> int:
             "calls_per_s": {name: round(med[name]) for name in VARIANTS},
             "ratio_leastconn_raw": round(lc_ratio, 4),
             "ratio_intercept_raw": round(statistics.median(ratio["intercept"]), 4),
-            "ratio_leaf_raw": round(statistics.median(ratio["leaf"]), 4),
+            "ratio_backend_raw": round(statistics.median(ratio["backend"]), 4),
             "added_us_per_call": {
                 name: round(statistics.median(v), 2) for name, v in added_us.items()
             },
             "client_cpu_us_per_call": {name: round(med_cpu[name], 2) for name in VARIANTS},
             "cpu_ratio_leastconn_raw": round(statistics.median(cpu_ratio["leastconn"]), 4),
             "cpu_ratio_intercept_raw": round(statistics.median(cpu_ratio["intercept"]), 4),
-            "cpu_ratio_leaf_raw": round(statistics.median(cpu_ratio["leaf"]), 4),
+            "cpu_ratio_backend_raw": round(statistics.median(cpu_ratio["backend"]), 4),
             "layers_ns_warm": round(hot_ns),
             "layers_ns_cold": round(cold_ns),
-            "cpu_us_leastconn_over_leaf": round(over_leaf, 2),
+            "cpu_us_leastconn_over_backend": round(over_backend, 2),
             "lock_pick_release_ns": round(balancer_ns),
             "predicted_ratio_leastconn_raw": round(expected, 4),
             "target_ratio": TARGET_RATIO,

@@ -40,7 +40,7 @@ STREAM_MS = 5000
 FRAME_MS = 100
 LOAD_THREADS = 4
 LOAD_LIMIT_S = 30.0
-# C-core's details when a sub-channel has no connection to send on: what a
+# C-core's details when a backend channel has no connection to send on: what a
 # re-pick exists to hide.
 PICK_FAILURES = ("failed to connect to all addresses", "connections to all backends failing")
 

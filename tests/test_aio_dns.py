@@ -169,7 +169,7 @@ def test_removed_address_drains_its_streams_then_closes(
             await eventually(lambda: leaving.address not in channel.connection_table(), SETTLE_S)
             assert channel.connection_table() == {fleet.address(h): 0 for h in hosts[1:]}
             if connections is not None:
-                # Its sub-channel is closed: no connection to it is left once
+                # Its backend channel is closed: no connection to it is left once
                 # the finished calls made on it are dropped (while one is held,
                 # grpc.aio keeps its channel's connection: see the next test).
                 del streams, on_leaving, stream

@@ -1,6 +1,6 @@
 """A finished grpc.aio call and the snapshot that takes its place answer alike.
 
-When a backend's sub-channel closes, the asyncio channel swaps each finished
+When a backend's backend channel closes, the asyncio channel swaps each finished
 call that went there for a ``FinishedCall``, so that calls the application
 keeps do not hold the backend's connection open. Every case here makes a
 real call through a raw grpc.aio channel to a real server, lets it finish

@@ -1,6 +1,6 @@
-"""TLS through the asyncio channel: sub-channels dial IPs but verify the name.
+"""TLS through the asyncio channel: backend channels dial IPs but verify the name.
 
-The certificate (from test_tls) names only ``localhost``, so a sub-channel
+The certificate (from test_tls) names only ``localhost``, so a backend channel
 that verified against the IP it dials would fail the handshake.
 """
 

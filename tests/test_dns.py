@@ -152,7 +152,7 @@ def test_removed_address_drains_its_streams_then_closes(
         wait_until(lambda: leaving.address not in channel.connection_table(), timeout=SETTLE_S)
         assert channel.connection_table() == {fleet.address(h): 0 for h in hosts[1:]}
         if connections is not None:
-            # Its sub-channel is closed: no connection to it is left.
+            # Its backend channel is closed: no connection to it is left.
             wait_until(lambda: established_to(leaving.address) == 0, timeout=SETTLE_S)
         assert logged(caplog, f"backend {leaving.address} of {channel.target!r} drained")
 

@@ -703,9 +703,10 @@ def test_dead_backend_is_skipped_once_detected(
 def test_backend_that_goes_away_stops_being_picked(
     backends: BackendFactory, lc_channel: Callable[..., Any]
 ) -> None:
-    # grpcio's round_robin reconnects a sub-channel that drops to IDLE at
-    # once, so a stopped backend is found to be down without any RPC being
-    # sent to it. An IDLE sub-channel left alone stays eligible and, with the
+    # A backend channel's round_robin policy reconnects a connection that
+    # drops to IDLE at once, so a stopped backend is found to be down without
+    # any RPC being sent to it. An IDLE backend channel left alone stays
+    # eligible and, with the
     # fewest RPCs in flight, is exactly where least-connection sends the next
     # one.
     servers = backends(4)

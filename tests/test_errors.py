@@ -13,7 +13,7 @@ V6 = Address("::1", 5001)
 @pytest.mark.parametrize(
     ("address", "code", "details", "expected"),
     [
-        # C-core's own pick failures on the sub-channel: never sent.
+        # C-core's own pick failures on the backend channel: never sent.
         (
             V4,
             grpc.StatusCode.UNAVAILABLE,

@@ -336,7 +336,7 @@ def test_call_picked_onto_a_dead_backend_is_repicked(
     spawn: Callable[..., ServerProcess], caplog: pytest.LogCaptureFixture
 ) -> None:
     # The race window held open: the balancer is kept from hearing that the
-    # victim's sub-channel lost its connection, so picks keep landing on it
+    # victim's backend channel lost its connection, so picks keep landing on it
     # and every one of them must be re-picked. Health checking is off so the
     # broken Watch cannot give the death away either.
     caplog.set_level(logging.DEBUG, logger="grpc_leastconn")

@@ -295,7 +295,7 @@ def _restart_on(backends: BackendFactory, port: int) -> Backend:
 
 
 def _times_ready(caplog: pytest.LogCaptureFixture, address: str) -> int:
-    """How often the balancer saw this backend's sub-channel become READY."""
+    """How often the balancer saw this backend's backend channel become READY."""
     return sum(
         1
         for r in caplog.records

@@ -1,7 +1,7 @@
-"""TLS with a DNS-name target: sub-channels dial IPs but verify the name.
+"""TLS with a DNS-name target: backend channels dial IPs but verify the name.
 
 The server's certificate names only ``localhost`` (no IP SAN), so a
-sub-channel that verified against the IP it dials would fail the handshake.
+backend channel that verified against the IP it dials would fail the handshake.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ its channel's connection: a channel closed by ``close()`` lets go of its
 connection only once every call object made on it is gone. Applications
 keep finished calls (to read metadata later, in logs, in lists of results),
 so a backend removed by discovery would keep its connection for as long as
-any of them lived. When a backend's sub-channel closes, each finished call
+any of them lived. When a backend's backend channel closes, each finished call
 that went to it is replaced by this snapshot, which answers every question
 the call would have: status, metadata, the response of a unary-response
 call, and the same errors.
