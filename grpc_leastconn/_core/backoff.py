@@ -73,7 +73,10 @@ class ResolutionSchedule:
     def failed(self) -> None:
         now = self._clock()
         self._last = now
-        self._due = now + self._failures.delay(self._failed_attempts)
+        # Jitter must not break the bounds: never sooner than min_interval,
+        # never later than max_interval.
+        delay = self._failures.delay(self._failed_attempts)
+        self._due = now + min(max(delay, self.min_interval), self.max_interval)
         self._failed_attempts += 1
 
     def request_early(self) -> None:

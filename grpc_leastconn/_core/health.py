@@ -66,7 +66,11 @@ class WatchPolicy:
         self._attempt += 1
         return WatchEnd(Health.PENDING, delay)
 
-    @staticmethod
-    def reconnected() -> Health:
-        """The backend has a new connection: unknown until the new Watch answers."""
+    def reconnected(self) -> Health:
+        """The backend has a new connection: unknown until the new Watch answers.
+
+        A new connection starts with a fresh backoff, as C-core's health
+        client, which lives as long as its connection, does.
+        """
+        self._attempt = 0
         return Health.PENDING
