@@ -9,12 +9,18 @@ shows each backend's state. ``grpc_leastconn.aio`` offers the same for
 
 from . import aio
 from ._core.backend import BackendState, Health
+from ._core.failures import DEFAULT_FAILURE_CODES
+from ._core.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
 from ._sync.channel import LeastConnChannel, insecure_channel, secure_channel
 
 __all__ = [
+    "DEFAULT_FAILURE_CODES",
     "BackendState",
+    "FailurePercentageEjection",
     "Health",
     "LeastConnChannel",
+    "OutlierDetection",
+    "SuccessRateEjection",
     "aio",
     "insecure_channel",
     "secure_channel",

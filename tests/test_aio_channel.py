@@ -72,6 +72,8 @@ def test_public_surface() -> None:
             "resolve_max_interval",
             "drain_timeout",
             "rng",
+            "failure_codes",
+            "outlier_detection",
         }
     assert "after the pick" in (grpc_leastconn.aio.insecure_channel.__doc__ or "")
 

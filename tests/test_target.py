@@ -177,8 +177,12 @@ def test_public_surface_is_exact() -> None:
 
     assert sorted(grpc_leastconn.__all__) == [
         "BackendState",
+        "DEFAULT_FAILURE_CODES",
+        "FailurePercentageEjection",
         "Health",
         "LeastConnChannel",
+        "OutlierDetection",
+        "SuccessRateEjection",
         "aio",
         "insecure_channel",
         "secure_channel",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
@@ -21,7 +21,7 @@ from .._core.backoff import Backoff
 from .._core.balancer import Balancer
 from .._core.maintenance import MaintenancePlan, Step, resolve_initial
 from .._core.resolver import Resolution, Resolver
-from .._core.rules import Report, make_balancer, no_backend
+from .._core.rules import Report, make_balancer, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
@@ -42,6 +42,24 @@ CLOSED_DETAILS = "Channel is closed."
 
 class Closed(Exception):
     """The channel closed while an RPC waited for a backend."""
+
+
+def settled(ask: Callable[[], Coroutine[Any, Any, _T]]) -> _T | None:
+    """The answer of a finished call's coroutine method (``code``, ``details``), now.
+
+    In a done callback the status is known, so grpc.aio's coroutine returns
+    without suspending; driving it by hand spares a task per call. None if it
+    would wait after all (a wrapped call that is not done yet).
+    """
+    coroutine = ask()
+    try:
+        coroutine.send(None)
+    except StopIteration as answer:
+        return answer.value  # type: ignore[no-any-return]
+    except Exception:
+        return None
+    coroutine.close()
+    return None
 
 
 class Core:
@@ -130,7 +148,7 @@ class Core:
 
     def pick(self, wait_for_ready: bool | None, deadline: float | None) -> _Backend | None:
         """A backend for one RPC (counted), None to wait for one, or raise how it ends."""
-        backend = self._balancer.pick()
+        backend = self._balancer.pick() or self._balancer.pick_fresh()
         if backend is None:
             if self._balancer.closed:
                 raise Closed
@@ -155,9 +173,17 @@ class Core:
     def pick_excluding(self, failed: Iterable[_Backend]) -> _Backend | None:
         return self._balancer.pick_excluding(failed)
 
-    def release(self, backend: _Backend) -> None:
-        if self._balancer.release(backend):
+    def release(self, backend: _Backend, code: grpc.StatusCode | None = None) -> None:
+        """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
+        if self._balancer.release(backend, code):
             self._close_channel(backend)
+
+    def release_call(self, backend: _Backend, call: Any) -> None:
+        """A call's done callback: release with the call's status."""
+        code = settled(call.code)
+        if code is not None:
+            code = outcome(code, lambda: settled(call.details), backend)
+        self.release(backend, code)
 
     # -- events ---------------------------------------------------------------
 

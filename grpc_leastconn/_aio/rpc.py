@@ -260,7 +260,7 @@ class Rpc:
     def _first_attempt_ended(self, call: Any) -> None:
         backend, self._first_backend = self._first_backend, None
         if backend is not None:
-            self._core.release(backend)
+            self._core.release_call(backend, call)
         # While a coroutine awaits the call, it decides whether this attempt
         # was the last: it resumes, whatever the attempt's end.
         if not self._awaiting:

@@ -69,6 +69,10 @@ class BackendState:
     """It left the address set; its running calls go on to their end."""
     eligible: bool
     """It takes new calls now."""
+    penalty: float
+    """Recent failures, counted as extra calls in flight (0 when it answers well)."""
+    ejected: bool
+    """Outlier detection (gRFC A50) has taken it out for a while."""
 
 
 class Backend(Node, Generic[ChannelT]):
@@ -76,12 +80,19 @@ class Backend(Node, Generic[ChannelT]):
 
     __slots__ = (
         "address",
+        "calls_failed",
+        "calls_succeeded",
         "channel",
         "connectivity",
         "drain_deadline",
+        "ejected_at",
+        "ejections",
         "health",
         "key",
+        "penalty",
+        "penalty_at",
         "removed",
+        "warned_failing",
         "warned_unimplemented",
     )
 
@@ -97,11 +108,24 @@ class Backend(Node, Generic[ChannelT]):
         self.channel: ChannelT | None = None
         # Each new connection is watched anew; say it has no health service once.
         self.warned_unimplemented = False
+        # The failure penalty (see failures.py), as of penalty_at.
+        self.penalty = 0.0
+        self.penalty_at = 0.0
+        self.warned_failing = False
+        # Outlier detection (see outlier.py): this interval's call results,
+        # when it was ejected (None: it is not), and its ejection multiplier.
+        self.calls_succeeded = 0
+        self.calls_failed = 0
+        self.ejected_at: float | None = None
+        self.ejections = 0
 
     @property
     def eligible(self) -> bool:
         return (
-            not self.removed and self.connectivity is _Connectivity.READY and self.health.may_serve
+            not self.removed
+            and self.connectivity is _Connectivity.READY
+            and self.health.may_serve
+            and self.ejected_at is None
         )
 
     @property
@@ -121,9 +145,12 @@ class Backend(Node, Generic[ChannelT]):
             return self.connectivity.name
         if not self.health.may_serve:
             return self.health.value
+        if self.ejected_at is not None:
+            return "EJECTED"
         return "READY"
 
-    def state(self) -> BackendState:
+    def state(self, penalty: float) -> BackendState:
+        """The public view, with the penalty as it stands now (it decays)."""
         return BackendState(
             address=self.key,
             in_flight=self.in_flight,
@@ -131,6 +158,8 @@ class Backend(Node, Generic[ChannelT]):
             health=self.health,
             draining=self.removed,
             eligible=self.eligible,
+            penalty=round(penalty, 3),
+            ejected=self.ejected_at is not None,
         )
 
     def __repr__(self) -> str:

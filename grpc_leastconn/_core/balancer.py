@@ -14,15 +14,18 @@ channel is READY and its health check (if any) says it may serve.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic
 
 import grpc
 
 from .backend import Backend, BackendState, ChannelT, Health
+from .failures import CALLER_CODES, DEFAULT_FAILURE_CODES, FailurePenalty, decayed_penalty
+from .outlier import OutlierDetection, OutlierDetector
 from .picker import LeastConnPicker, TieBreak
 from .target import Address
 
@@ -34,6 +37,7 @@ log = logging.getLogger("grpc_leastconn")
 Clock = Callable[[], float]
 
 _Connectivity = grpc.ChannelConnectivity
+_OK = grpc.StatusCode.OK
 
 
 @dataclass(slots=True)
@@ -60,10 +64,38 @@ class Balancer(Generic[ChannelT]):
         drain_timeout: float | None = None,
         clock: Clock = time.monotonic,
         observer: Observer | None = None,
+        failure_codes: Collection[grpc.StatusCode] = DEFAULT_FAILURE_CODES,
+        outlier_detection: OutlierDetection | None = None,
     ) -> None:
         self.target = target
         self._picker = LeastConnPicker(tie_break, rng)
         self._observer = observer
+        self.clock = clock
+        # Failure signals (failures.py, outlier.py), judged as calls end.
+        self._penalty = (
+            FailurePenalty(
+                failure_codes, target=target, clock=clock, set_extra=self._picker.set_extra
+            )
+            if failure_codes
+            else None
+        )
+        self._failure_codes = frozenset(failure_codes)
+        self._detector = (
+            OutlierDetector(
+                outlier_detection,
+                target=target,
+                rng=rng if rng is not None else random.Random(),
+                now=clock(),
+            )
+            if outlier_detection is not None
+            and (
+                outlier_detection.success_rate_ejection is not None
+                or outlier_detection.failure_percentage_ejection is not None
+            )
+            else None
+        )
+        # When refresh() has work next: a penalty to decay, a sweep to run.
+        self._due = math.inf if self._detector is None else self._detector.next_sweep
         # The hot path calls the observer only for the hooks it overrides.
         self._on_release = (
             observer.on_release if observer is not None and observer.watches("on_release") else None
@@ -81,7 +113,6 @@ class Balancer(Generic[ChannelT]):
         self._draining: dict[Backend[ChannelT], None] = {}
         self._initial_health = Health.PENDING if health_checking else Health.DISABLED
         self._drain_timeout = drain_timeout
-        self.clock = clock
         self.closed = False
 
     # -- events from the resolver and the backend channels -------------------
@@ -93,6 +124,8 @@ class Balancer(Generic[ChannelT]):
             backend = self._backends.pop(address)
             backend.removed = True
             self._picker.remove(backend)
+            if self._penalty is not None:
+                self._penalty.forget(backend)
             if backend.in_flight:
                 if self._drain_timeout is not None:
                     backend.drain_deadline = self.clock() + self._drain_timeout
@@ -123,12 +156,11 @@ class Balancer(Generic[ChannelT]):
         """
         if backend.connectivity is state or backend.removed:
             return False
-        before = backend.eligible
         backend.connectivity = state
         log.debug("backend %s of %r is %s", backend.key, self.target, state.name)
         if self._observer is not None:
             self._observer.on_connectivity(backend, state)
-        self._refresh(backend, before)
+        self._place(backend)
         return True
 
     def set_health(self, backend: Backend[ChannelT], health: Health) -> bool:
@@ -136,7 +168,6 @@ class Balancer(Generic[ChannelT]):
         if backend.health is health or backend.removed:
             return False
         before = backend.health
-        was_eligible = backend.eligible
         backend.health = health
         if self._observer is not None:
             self._observer.on_health(backend, health)
@@ -152,14 +183,14 @@ class Balancer(Generic[ChannelT]):
             log.warning("backend %s of %r is %s", backend.key, self.target, health.value)
         elif health is Health.SERVING and before not in (Health.PENDING, Health.DISABLED):
             log.info("backend %s of %r is %s again", backend.key, self.target, health.value)
-        self._refresh(backend, was_eligible)
+        self._place(backend)
         return True
 
-    def _refresh(self, backend: Backend[ChannelT], was_eligible: bool) -> None:
-        now = backend.eligible
-        if now and not was_eligible:
+    def _place(self, backend: Backend[ChannelT]) -> None:
+        """Keep the picker's members exactly the eligible backends."""
+        if backend.eligible:
             self._picker.add(backend)
-        elif was_eligible and not now:
+        else:
             self._picker.remove(backend)
 
     # -- the hot path -------------------------------------------------------
@@ -182,20 +213,66 @@ class Balancer(Generic[ChannelT]):
             for backend in skipped:
                 self._picker.add(backend)
 
-    def release(self, backend: Backend[ChannelT]) -> bool:
+    def release(self, backend: Backend[ChannelT], code: grpc.StatusCode | None = None) -> bool:
         """gRFC A48: count an RPC as ended, whatever its status.
 
-        True when the backend was draining and this was its last RPC: the
-        front end closes its backend channel now.
+        ``code`` is how it ended, for the failure signals; None when it says
+        nothing about the backend (the RPC never left this process). True
+        when the backend was draining and this was its last RPC: the front
+        end closes its backend channel now.
         """
         if self._on_release is not None:
             self._on_release(backend)
         self._picker.release(backend)
+        if code is not None and not backend.removed:
+            if code is _OK:
+                # The hot path: a success, usually of a backend with no penalty.
+                if backend.penalty:
+                    self._penalty.succeeded(backend)  # type: ignore[union-attr]
+                    self._due = min(self._due, self._penalty.refresh_at)  # type: ignore[union-attr]
+                backend.calls_succeeded += 1
+            else:
+                self._judge(backend, code)
+        if self._due != math.inf and (now := self.clock()) >= self._due:
+            self.refresh(now)
         if backend.removed and backend.in_flight == 0 and backend in self._draining:
             del self._draining[backend]
             log.info("backend %s of %r drained", backend.key, self.target)
             return True
         return False
+
+    def _judge(self, backend: Backend[ChannelT], code: grpc.StatusCode) -> None:
+        """What a call that ended with ``code`` says about its backend (failures.py)."""
+        if code in CALLER_CODES:
+            return
+        if code in self._failure_codes:
+            backend.calls_failed += 1
+            if self._penalty is not None:
+                self._penalty.failed(backend, code)
+                self._due = min(self._due, self._penalty.refresh_at)
+        else:
+            # An application's answer (NOT_FOUND, ...): the backend did its job.
+            backend.calls_succeeded += 1
+            if backend.penalty and self._penalty is not None:
+                self._penalty.succeeded(backend)
+
+    def refresh(self, now: float) -> None:
+        """Bring time-driven signals up to date: decay penalties, run a due A50 sweep."""
+        penalty, detector = self._penalty, self._detector
+        if penalty is not None and now >= penalty.refresh_at:
+            penalty.refresh(now)
+        if detector is not None and now >= detector.next_sweep:
+            for backend in detector.sweep(list(self._backends.values()), now):
+                self._place(backend)
+        self._due = min(
+            math.inf if penalty is None else penalty.refresh_at,
+            math.inf if detector is None else detector.next_sweep,
+        )
+
+    def pick_fresh(self) -> Backend[ChannelT] | None:
+        """A pick after refresh(): for when ``pick`` found nobody (penalties may have decayed)."""
+        self.refresh(self.clock())
+        return self.pick()
 
     # -- timers ---------------------------------------------------------------
 
@@ -235,7 +312,10 @@ class Balancer(Generic[ChannelT]):
 
     def states(self) -> tuple[BackendState, ...]:
         """Every backend, the current set's first, then those draining."""
-        return tuple(b.state() for b in (*self._backends.values(), *self._draining))
+        now = self.clock()
+        return tuple(
+            b.state(decayed_penalty(b, now)) for b in (*self._backends.values(), *self._draining)
+        )
 
     def check_invariants(self) -> None:
         """Assert that every count and the picker agree (for tests)."""

@@ -30,8 +30,14 @@ def never_sent(error: grpc.RpcError, address: Address) -> bool:
     details = getattr(error, "details", None)
     if not callable(code) or not callable(details):
         return False
-    text = str(details() or "")
-    if code() is not grpc.StatusCode.UNAVAILABLE or not text.startswith(_PICK_FAILURES):
+    return code() is grpc.StatusCode.UNAVAILABLE and never_sent_details(
+        str(details() or ""), address
+    )
+
+
+def never_sent_details(text: str, address: Address) -> bool:
+    """The details test of never_sent, for an UNAVAILABLE status already known."""
+    if not text.startswith(_PICK_FAILURES):
         return False
     # C-core percent-encodes the brackets of an IPv6 target.
     own = address.channel_target()

@@ -1,15 +1,18 @@
 """Picker: exact least-connection choice in O(1) per pick and per release.
 
-Eligible backends sit in buckets indexed by their in-flight count, and the
-index of the lowest non-empty bucket is tracked. A pick takes a backend from
-that bucket and moves it one bucket up; a release moves it one bucket down.
-Neither touches any other backend, so the cost does not grow with the number
+A backend's load is its RPCs in flight plus an ``extra`` whole number that
+other signals set (the failure penalty: a backend failing fast counts as
+busier than it is). Eligible backends sit in buckets indexed by their load,
+and the index of the lowest non-empty bucket is tracked. A pick takes a
+backend from that bucket and moves it one bucket up; a release moves it one
+bucket down; a change of ``extra`` moves it as far as that changes. None of
+them touches any other backend, so the cost does not grow with the number
 of backends (a full scan, as in Envoy's FULL_SCAN mode, is O(n) per pick; the
 answer is the same).
 
 Counts live on the nodes, not in the picker, so a backend that leaves the
 eligible set (unhealthy, draining) keeps counting its in-flight RPCs down and
-re-enters at its true count.
+re-enters at its true load.
 
 Not thread-safe: the balancer's owner serializes calls.
 """
@@ -28,10 +31,13 @@ TIE_BREAKS: Final = ("round_robin", "random", "youngest")
 class Node:
     """A pickable backend. The picker links it into one bucket at a time."""
 
-    __slots__ = ("_next", "_prev", "_slot", "in_flight", "in_picker")
+    __slots__ = ("_next", "_prev", "_slot", "extra", "in_flight", "in_picker")
 
     def __init__(self) -> None:
         self.in_flight = 0
+        # Load beyond this channel's RPCs (see set_extra). The node sits in the
+        # bucket of in_flight + extra, its load.
+        self.extra = 0
         self.in_picker = False
         self._prev: Node = self
         self._next: Node = self
@@ -172,45 +178,69 @@ class LeastConnPicker:
         return buckets[count]
 
     def add(self, node: Node) -> None:
-        """Make a node eligible, at the count it already has."""
+        """Make a node eligible, at the load it already has."""
         if node.in_picker:
             return
-        self._bucket(node.in_flight).add(node)
+        level = node.in_flight + node.extra
+        self._bucket(level).add(node)
         node.in_picker = True
-        if self.size == 0 or node.in_flight < self._lowest:
-            self._lowest = node.in_flight
+        if self.size == 0 or level < self._lowest:
+            self._lowest = level
         self.size += 1
 
     def remove(self, node: Node) -> None:
         """Make a node ineligible; its count stays on the node."""
         if not node.in_picker:
             return
-        bucket = self._buckets[node.in_flight]
+        level = node.in_flight + node.extra
+        bucket = self._buckets[level]
         bucket.remove(node)
         node.in_picker = False
         self.size -= 1
-        if bucket.size == 0 and node.in_flight == self._lowest and self.size:
-            # Rare (membership changes only): walk up to the next occupied
-            # bucket, bounded by the highest in-flight count.
-            lowest = self._lowest
-            while self._buckets[lowest].size == 0:
-                lowest += 1
-            self._lowest = lowest
+        if bucket.size == 0 and level == self._lowest and self.size:
+            self._lowest = self._next_occupied(level)
+
+    def _next_occupied(self, level: int) -> int:
+        # Rare (membership and extra changes only): walk up to the next
+        # occupied bucket, bounded by the highest load.
+        buckets = self._buckets
+        while buckets[level].size == 0:
+            level += 1
+        return level
+
+    def set_extra(self, node: Node, extra: int) -> None:
+        """Give the node ``extra`` load beyond its RPCs in flight (a whole number >= 0)."""
+        delta = extra - node.extra
+        if not delta:
+            return
+        old = node.in_flight + node.extra
+        node.extra = extra
+        if not node.in_picker:
+            return
+        new = old + delta
+        bucket = self._buckets[old]
+        bucket.remove(node)
+        self._bucket(new).add(node)
+        if new < self._lowest:
+            self._lowest = new
+        elif old == self._lowest and bucket.size == 0:
+            self._lowest = self._next_occupied(old)
 
     def pick(self) -> Node | None:
-        """The eligible node with the fewest in-flight RPCs, now counted +1."""
+        """The eligible node with the lowest load, now counting one more RPC."""
         if not self.size:
             return None
         lowest = self._lowest
         buckets = self._buckets
         bucket = buckets[lowest]
         node = bucket.take()
-        node.in_flight = count = lowest + 1
+        node.in_flight += 1
+        level = lowest + 1
         # The hot path, so the bucket is looked up inline while it exists.
-        (buckets[count] if count < len(buckets) else self._bucket(count)).add_picked(node)
+        (buckets[level] if level < len(buckets) else self._bucket(level)).add_picked(node)
         if bucket.size == 0:
             # The node just moved to lowest + 1, so that bucket is occupied.
-            self._lowest = count
+            self._lowest = level
         return node
 
     def release(self, node: Node) -> None:
@@ -220,17 +250,18 @@ class LeastConnPicker:
             raise RuntimeError("released more RPCs than were picked")
         node.in_flight = count - 1
         if node.in_picker:
+            level = count - 1 + node.extra
             buckets = self._buckets
-            buckets[count].remove(node)
-            buckets[count - 1].add(node)
-            if count - 1 < self._lowest:
-                self._lowest = count - 1
+            buckets[level + 1].remove(node)
+            buckets[level].add(node)
+            if level < self._lowest:
+                self._lowest = level
 
     def check_invariants(self, eligible: Sequence[Node] | None = None) -> None:
         """Assert the bucket structure is consistent (for tests).
 
         Given the nodes that should be eligible, also assert that each sits in
-        the bucket of its count and that the lowest bucket is their minimum.
+        the bucket of its load and that the lowest bucket is their minimum.
         """
         total = sum(bucket.size for bucket in self._buckets)
         assert total == self.size, (total, self.size)
@@ -240,9 +271,10 @@ class LeastConnPicker:
         if eligible is None:
             return
         assert self.size == len(eligible), (self.size, len(eligible))
-        for count, bucket in enumerate(self._buckets):
-            members = [node for node in eligible if node.in_flight == count]
-            assert bucket.size == len(members), (count, bucket.size, members)
-        assert all(node.in_picker and node.in_flight >= 0 for node in eligible)
+        for level, bucket in enumerate(self._buckets):
+            members = [node for node in eligible if node.in_flight + node.extra == level]
+            assert bucket.size == len(members), (level, bucket.size, members)
+        for node in eligible:
+            assert node.in_picker and node.in_flight >= 0 and node.extra >= 0, node
         if eligible:
-            assert self._lowest == min(node.in_flight for node in eligible)
+            assert self._lowest == min(node.in_flight + node.extra for node in eligible)

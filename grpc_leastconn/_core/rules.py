@@ -17,7 +17,7 @@ import grpc
 
 from .backend import Backend
 from .balancer import Balancer
-from .errors import never_sent
+from .errors import never_sent, never_sent_details
 from .seams import Seams
 from .settings import Settings
 
@@ -33,7 +33,7 @@ _INNER_CACHE_PRUNE_AT = 64
 
 
 class Releaser(Protocol):
-    def release(self, backend: Any) -> None: ...
+    def release_call(self, backend: Any, call: Any) -> None: ...
 
 
 def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
@@ -45,6 +45,8 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         drain_timeout=settings.drain_timeout,
         clock=seams.clock,
         observer=seams.observer,
+        failure_codes=settings.failure_codes,
+        outlier_detection=settings.outlier_detection,
     )
 
 
@@ -77,7 +79,7 @@ def may_repick(error: grpc.RpcError, failed: int, backend: Backend[Any]) -> bool
 
 
 class Release:
-    """Done callback that releases one RPC's count exactly once."""
+    """Done callback that releases one RPC's count exactly once, with how it ended."""
 
     __slots__ = ("_backend", "_core")
 
@@ -85,10 +87,24 @@ class Release:
         self._core = core
         self._backend: Backend[Any] | None = backend
 
-    def __call__(self, _call: object = None) -> None:
+    def __call__(self, call: object = None) -> None:
         backend, self._backend = self._backend, None
         if backend is not None:
-            self._core.release(backend)
+            self._core.release_call(backend, call)
+
+
+def outcome(
+    code: grpc.StatusCode, details: Callable[[], str | None], backend: Backend[Any]
+) -> grpc.StatusCode | None:
+    """The code to judge the backend by, or None when the RPC never reached it.
+
+    A call that never left this process (see never_sent) says nothing about
+    the backend itself: its connection's state tells that. ``details`` is
+    asked only for UNAVAILABLE.
+    """
+    if code is grpc.StatusCode.UNAVAILABLE and never_sent_details(details() or "", backend.address):
+        return None
+    return code
 
 
 class Report(Generic[ChannelT, ValueT]):
@@ -154,3 +170,12 @@ class InnerCache(Generic[InnerT]):
                 del self._inner[old]
         self._inner[backend] = inner
         return inner
+
+
+def error_outcome(error: BaseException, backend: Backend[Any]) -> grpc.StatusCode | None:
+    """``outcome`` of an RPC that raised ``error`` (UNKNOWN if it carries no status)."""
+    code = getattr(error, "code", None)
+    details = getattr(error, "details", None)
+    if not callable(code) or not callable(details):
+        return grpc.StatusCode.UNKNOWN
+    return outcome(code(), details, backend)

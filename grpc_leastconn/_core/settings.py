@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
 import grpc
 
 from .backend_options import Option, with_reconnecting_policy
+from .failures import DEFAULT_FAILURE_CODES, check_failure_codes
+from .outlier import OutlierDetection
 from .picker import TIE_BREAKS, TieBreak
 from .target import Target, parse_target
 
@@ -46,7 +48,11 @@ class Tuning(TypedDict, total=False):
     drain_timeout: float | None
     """Seconds a backend that left DNS may keep its calls; None for no limit."""
     rng: random.Random | None
-    """Randomness of the "random" tie-break and of backoff jitter."""
+    """Randomness of the "random" tie-break, of backoff jitter and of A50 enforcement."""
+    failure_codes: Collection[grpc.StatusCode]
+    """Status codes that count as the backend's failure (failures.py); empty: off."""
+    outlier_detection: OutlierDetection | None
+    """gRFC A50 outlier detection; None (default): off."""
 
 
 _TUNING_KEYWORDS = frozenset(Tuning.__annotations__)
@@ -64,6 +70,8 @@ class Settings:
     resolve_min_interval: float
     resolve_max_interval: float
     drain_timeout: float | None
+    failure_codes: frozenset[grpc.StatusCode]
+    outlier_detection: OutlierDetection | None
 
     @property
     def health_checking(self) -> bool:
@@ -116,6 +124,12 @@ def make_settings(
         )
     drain_timeout = tuning.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
     drain = None if drain_timeout is None else _seconds("drain_timeout", drain_timeout)
+    outlier_detection = tuning.get("outlier_detection")
+    if outlier_detection is not None and not isinstance(outlier_detection, OutlierDetection):
+        raise TypeError(
+            "outlier_detection must be a grpc_leastconn.OutlierDetection or None, "
+            f"not {type(outlier_detection).__name__}"
+        )
     return Settings(
         target=parsed,
         credentials=credentials,
@@ -127,6 +141,8 @@ def make_settings(
         resolve_min_interval=min_interval,
         resolve_max_interval=max_interval,
         drain_timeout=drain,
+        failure_codes=check_failure_codes(tuning.get("failure_codes", DEFAULT_FAILURE_CODES)),
+        outlier_detection=outlier_detection,
     )
 
 

@@ -22,12 +22,13 @@ import grpc
 
 from .._core.backend import Backend
 from .._core.balancer import log
-from .._core.rules import InnerCache, Release, may_repick
+from .._core.rules import InnerCache, Release, error_outcome, may_repick
 from .backend_channel import BackendChannel
 from .core import Core
 from .failed import FailedCall
 
 _Backend = Backend[BackendChannel]
+_OK = grpc.StatusCode.OK
 
 
 class _Future(Protocol):
@@ -253,17 +254,23 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
                 # Time spent waiting for a backend counts against the deadline.
                 timeout = max(0.0, deadline - time.monotonic())
             inner = self._inner_for(backend)
+            # How the attempt ended, for the failure signals; None: it never
+            # reached the backend, so it says nothing about it.
+            code: grpc.StatusCode | None = None
             try:
                 # wait_for_ready is ours to honour, at the pick: passed down, it
                 # would pin the RPC to this one backend until it came back.
-                return (inner.with_call if with_call else inner)(
+                response = (inner.with_call if with_call else inner)(
                     request, timeout, metadata, credentials, None, compression
                 )
+                code = _OK
+                return response
             except grpc.RpcError as error:
                 if not (repick and may_repick(error, len(failed), backend)):
+                    code = error_outcome(error, backend)
                     raise
             finally:
-                core.release(backend)
+                core.release(backend, code)
             failed.append(backend)
             log.debug("RPC never reached %s; re-picking", backend.key)
             backend = core.repick(failed, wait_for_ready, deadline)

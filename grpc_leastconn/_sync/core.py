@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
@@ -25,7 +25,7 @@ from .._core.backoff import Backoff
 from .._core.balancer import Balancer, log
 from .._core.maintenance import MaintenancePlan, Step, resolve_again, resolve_initial
 from .._core.resolver import Resolver
-from .._core.rules import Report, make_balancer, no_backend
+from .._core.rules import Report, make_balancer, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
@@ -110,17 +110,31 @@ class Core:
                 backend = self._wait_for_backend(wait_for_ready, timeout)
         return backend
 
-    def release(self, backend: _Backend) -> None:
+    def release(self, backend: _Backend, code: grpc.StatusCode | None = None) -> None:
+        """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
         with self._lock:
-            drained = self._balancer.release(backend)
+            drained = self._balancer.release(backend, code)
         if drained and backend.channel is not None:
             # This may run in the backend channel's own callback thread,
             # which closing the channel would wait for: close it on another.
             threading.Thread(target=backend.channel.close, daemon=True).start()
 
+    def release_call(self, backend: _Backend, call: Any) -> None:
+        """A call's done callback: release with the call's status."""
+        try:
+            code = outcome(call.code(), call.details, backend)
+        except Exception:
+            # Not a grpc call we can ask (a wrapper of someone else's): count
+            # the end, judge nothing.
+            code = None
+        self.release(backend, code)
+
     def _wait_for_backend(self, wait_for_ready: bool | None, timeout: float | None) -> _Backend:
         # Called with the lock held; see no_backend for when to wait.
         balancer = self._balancer
+        backend = balancer.pick_fresh()
+        if backend is not None:
+            return backend
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             if balancer.closed:
