@@ -137,6 +137,11 @@ class ConferenceServicer(conference_pb2_grpc.ConferenceServicer):
         self._started_by_method: dict[str, int] = {}
         self._peers: set[str] = set()
         self._authorities: set[str] = set()
+        # Failure injection (fail_calls): the code, every how many calls, and
+        # how many calls began since it was set.
+        self._failure: grpc.StatusCode | None = None
+        self._fail_every = 1
+        self._since_failure_set = 0
 
     # Counters ---------------------------------------------------------------
 
@@ -208,6 +213,19 @@ class ConferenceServicer(conference_pb2_grpc.ConferenceServicer):
         with self._cond:
             return self._cond.wait_for(lambda: predicate(self), timeout)
 
+    def fail_calls(self, code: grpc.StatusCode | None, every: int = 1) -> None:
+        """Answer every ``every``-th new call at once with ``code`` (None: answer normally).
+
+        A backend whose database is down: its health service may still say
+        SERVING while every call fails fast.
+        """
+        if every < 1:
+            raise ValueError(f"every must be >= 1, not {every}")
+        with self._cond:
+            self._failure = code
+            self._fail_every = every
+            self._since_failure_set = 0
+
     # Accounting -------------------------------------------------------------
 
     def _begin(self, method: str, context: grpc.ServicerContext) -> _Call:
@@ -230,6 +248,14 @@ class ConferenceServicer(conference_pb2_grpc.ConferenceServicer):
         # never fire, so account for the end right here.
         if not context.add_callback(lambda: self._end(call)):
             self._end(call)
+        with self._cond:
+            failure = self._failure
+            if failure is not None:
+                self._since_failure_set += 1
+                if self._since_failure_set % self._fail_every:
+                    failure = None
+        if failure is not None:
+            context.abort(failure, f"{self.name}: injected {failure.name}")
         return call
 
     def _end(self, call: _Call) -> None:

@@ -14,8 +14,10 @@ from grpc_leastconn._core import (
     backoff,
     balancer,
     errors,
+    failures,
     health,
     maintenance,
+    outlier,
     picker,
     resolver,
     rules,
@@ -30,11 +32,21 @@ Address = target.Address
 Backend = backend.Backend
 Backoff = backoff.Backoff
 Balancer = balancer.Balancer
+CALLER_CODES = failures.CALLER_CODES
+CAP = failures.CAP
+DECAY_S = failures.DECAY_S
+DEFAULT_FAILURE_CODES = failures.DEFAULT_FAILURE_CODES
+FORGET = failures.FORGET
+FailurePenalty = failures.FailurePenalty
+FailurePercentageEjection = outlier.FailurePercentageEjection
 Health = backend.Health
 LeastConnPicker = picker.LeastConnPicker
 MaintenancePlan = maintenance.MaintenancePlan
 Node = picker.Node
 Observer = seams.Observer
+OutlierDetection = outlier.OutlierDetection
+OutlierDetector = outlier.OutlierDetector
+REFRESH_S = failures.REFRESH_S
 Resolution = resolver.Resolution
 ResolutionError = resolver.ResolutionError
 ResolutionSchedule = backoff.ResolutionSchedule
@@ -42,10 +54,14 @@ Resolver = resolver.Resolver
 Seams = seams.Seams
 Settings = settings.Settings
 Step = maintenance.Step
+SuccessRateEjection = outlier.SuccessRateEjection
 TIE_BREAKS = picker.TIE_BREAKS
+WARN_AT = failures.WARN_AT
 WatchEnd = health.WatchEnd
 WatchPolicy = health.WatchPolicy
 channel_options = backend_options.channel_options
+check_failure_codes = failures.check_failure_codes
+decayed_penalty = failures.decayed_penalty
 make_balancer = rules.make_balancer
 make_settings = settings.make_settings
 may_repick = rules.may_repick
@@ -56,18 +72,29 @@ resolve_again = maintenance.resolve_again
 resolve_initial = maintenance.resolve_initial
 
 __all__ = [
+    "CALLER_CODES",
+    "CAP",
+    "DECAY_S",
+    "DEFAULT_FAILURE_CODES",
+    "FORGET",
+    "REFRESH_S",
     "TIE_BREAKS",
+    "WARN_AT",
     "Address",
     "Backend",
     "Backoff",
     "Balancer",
     "FailedCall",
+    "FailurePenalty",
+    "FailurePercentageEjection",
     "FinishedCall",
     "Health",
     "LeastConnPicker",
     "MaintenancePlan",
     "Node",
     "Observer",
+    "OutlierDetection",
+    "OutlierDetector",
     "Resolution",
     "ResolutionError",
     "ResolutionSchedule",
@@ -75,9 +102,12 @@ __all__ = [
     "Seams",
     "Settings",
     "Step",
+    "SuccessRateEjection",
     "WatchEnd",
     "WatchPolicy",
     "channel_options",
+    "check_failure_codes",
+    "decayed_penalty",
     "make_balancer",
     "make_settings",
     "may_repick",

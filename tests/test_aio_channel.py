@@ -73,6 +73,7 @@ def test_public_surface() -> None:
             "drain_timeout",
             "rng",
             "failure_codes",
+            "failure_penalty",
             "outlier_detection",
         }
     assert "after the pick" in (grpc_leastconn.aio.insecure_channel.__doc__ or "")

@@ -65,6 +65,7 @@ class Balancer(Generic[ChannelT]):
         clock: Clock = time.monotonic,
         observer: Observer | None = None,
         failure_codes: Collection[grpc.StatusCode] = DEFAULT_FAILURE_CODES,
+        failure_penalty: bool = True,
         outlier_detection: OutlierDetection | None = None,
     ) -> None:
         self.target = target
@@ -76,7 +77,7 @@ class Balancer(Generic[ChannelT]):
             FailurePenalty(
                 failure_codes, target=target, clock=clock, set_extra=self._picker.set_extra
             )
-            if failure_codes
+            if failure_penalty and failure_codes
             else None
         )
         self._failure_codes = frozenset(failure_codes)

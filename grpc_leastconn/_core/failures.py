@@ -6,15 +6,19 @@ traffic (the Google SRE book's "Least-Loaded Round Robin" trap; Linkerd
 counts a failure as a penalty latency for the same reason). Here each
 failure counts as one more call in flight on its backend, a count that
 fades: it decays with a time constant of ``DECAY_S`` while no call lands
-there, and every success halves it. The picker sees ``floor(penalty)`` as
-the backend's ``extra`` load, in the one cost every signal feeds.
+there, and every success takes ``1 - SUCCESS_FACTOR`` of it away. The
+picker sees ``floor(penalty)`` as the backend's ``extra`` load, in the one
+cost every signal feeds.
 
 - A backend failing every call gains +1 per failure and stops being picked
   within a few calls; it gets a trial call whenever its penalty has decayed
   below its peers' load, so it returns within seconds once it answers
-  again (each success halves what is left).
-- A backend with the same background error rate as its peers keeps a
-  penalty near zero (the next success halves each +1), so it is treated as
+  again (each success shrinks what is left).
+- A backend failing part of its calls keeps a penalty that grows with its
+  failure ratio (every other call failing holds it near 4), so it takes
+  fewer calls than its healthy peers, and fewer fail than round robin's.
+- A backend with the same background error rate as its peers keeps about
+  the penalty they keep, near zero for a few per cent, so it is treated as
   they are.
 - Which codes are the backend's failure is a setting (``failure_codes``).
   Codes the caller causes never count: CANCELLED and DEADLINE_EXCEEDED, and
@@ -55,6 +59,9 @@ CALLER_CODES: Final = frozenset({_Code.OK, _Code.CANCELLED, _Code.DEADLINE_EXCEE
 
 # Seconds for a penalty to fall to 1/e while no call lands on its backend.
 DECAY_S: Final = 1.0
+# What a success leaves of the penalty: 0.8 forgets a failure within about
+# a dozen good calls, yet keeps a half-failing backend visibly busier.
+SUCCESS_FACTOR: Final = 0.8
 # A bound, so a backend returns within DECAY_S * ln(CAP / FORGET) seconds
 # (about 7 s) even if nobody sends it a trial call.
 CAP: Final = 100.0
@@ -104,7 +111,7 @@ class FailurePenalty:
     def succeeded(self, backend: Backend[Any]) -> None:
         """Only for a backend with a penalty (the caller checks: this is the hot path)."""
         now = self._clock()
-        self._store(backend, decayed_penalty(backend, now) / 2.0, now)
+        self._store(backend, decayed_penalty(backend, now) * SUCCESS_FACTOR, now)
 
     def refresh(self, now: float) -> None:
         """Decay every penalty to ``now``; called at most every REFRESH_S."""

@@ -46,6 +46,7 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         clock=seams.clock,
         observer=seams.observer,
         failure_codes=settings.failure_codes,
+        failure_penalty=settings.failure_penalty,
         outlier_detection=settings.outlier_detection,
     )
 

@@ -50,7 +50,9 @@ class Tuning(TypedDict, total=False):
     rng: random.Random | None
     """Randomness of the "random" tie-break, of backoff jitter and of A50 enforcement."""
     failure_codes: Collection[grpc.StatusCode]
-    """Status codes that count as the backend's failure (failures.py); empty: off."""
+    """Status codes that count as the backend's failure (failures.py)."""
+    failure_penalty: bool
+    """Count each failure as a fading extra call in flight (default True)."""
     outlier_detection: OutlierDetection | None
     """gRFC A50 outlier detection; None (default): off."""
 
@@ -71,6 +73,7 @@ class Settings:
     resolve_max_interval: float
     drain_timeout: float | None
     failure_codes: frozenset[grpc.StatusCode]
+    failure_penalty: bool
     outlier_detection: OutlierDetection | None
 
     @property
@@ -142,6 +145,7 @@ def make_settings(
         resolve_max_interval=max_interval,
         drain_timeout=drain,
         failure_codes=check_failure_codes(tuning.get("failure_codes", DEFAULT_FAILURE_CODES)),
+        failure_penalty=_flag("failure_penalty", tuning.get("failure_penalty", True)),
         outlier_detection=outlier_detection,
     )
 
@@ -162,6 +166,12 @@ def _seconds(name: str, value: object, *, positive: bool = False) -> float:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}; got {value!r}")
     return seconds
+
+
+def _flag(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
 
 
 def _check_options(options: object) -> tuple[Option, ...]:
