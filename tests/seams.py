@@ -30,6 +30,7 @@ from grpc_leastconn._sync.failed import FailedCall
 
 Address = target.Address
 Backend = backend.Backend
+BackendState = backend.BackendState
 Backoff = backoff.Backoff
 Balancer = balancer.Balancer
 CALLER_CODES = failures.CALLER_CODES
@@ -54,6 +55,7 @@ Resolver = resolver.Resolver
 Seams = seams.Seams
 Settings = settings.Settings
 Step = maintenance.Step
+SUCCESS_FACTOR = failures.SUCCESS_FACTOR
 SuccessRateEjection = outlier.SuccessRateEjection
 TIE_BREAKS = picker.TIE_BREAKS
 WARN_AT = failures.WARN_AT
@@ -78,10 +80,12 @@ __all__ = [
     "DEFAULT_FAILURE_CODES",
     "FORGET",
     "REFRESH_S",
+    "SUCCESS_FACTOR",
     "TIE_BREAKS",
     "WARN_AT",
     "Address",
     "Backend",
+    "BackendState",
     "Backoff",
     "Balancer",
     "FailedCall",

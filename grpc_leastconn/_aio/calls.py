@@ -19,7 +19,7 @@ import grpc
 
 from .._core.backend import Backend
 from .._core.balancer import log
-from .._core.rules import InnerCache, may_repick
+from .._core.rules import Factories, InnerCache, may_repick
 from .backend_channel import BackendChannel
 from .core import Core
 from .rpc import Rpc, Stage
@@ -276,29 +276,7 @@ class _StreamStreamCall(_ResponseStream, _RequestStream, grpc.aio.StreamStreamCa
     pass
 
 
-_Serializer = Callable[[Any], bytes] | None
-_Deserializer = Callable[[bytes], Any] | None
-
-
-class _Factories(Protocol):
-    """A backend's grpc.aio.Channel as we use it: grpcio's factories take _registered_method
-    (the keyword generated stubs pass), which its type stubs do not declare."""
-
-    def unary_unary(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _Inner: ...
-
-    def unary_stream(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _Inner: ...
-
-    def stream_unary(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _Inner: ...
-
-    def stream_stream(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _Inner: ...
+_Factories = Factories[_Inner, _Inner]
 
 
 class MultiCallable(InnerCache[_Inner]):

@@ -9,7 +9,7 @@ from typing import Any, Unpack
 
 import grpc
 
-from .._core.backend import BackendState
+from .._core.foundation import ChannelViews
 from .._core.seams import DEFAULT_SEAMS, Seams
 from .._core.settings import Options, Tuning, check_credentials, make_settings
 from .calls import _StreamStream, _StreamUnary, _UnaryStream, _UnaryUnary
@@ -18,7 +18,7 @@ from .core import Core, Interceptors
 _READY = grpc.ChannelConnectivity.READY
 
 
-class LeastConnChannel(grpc.aio.Channel):
+class LeastConnChannel(ChannelViews, grpc.aio.Channel):
     """A grpc.aio.Channel sending each new RPC to the backend with the fewest in flight.
 
     Build it with ``insecure_channel()`` or ``secure_channel()`` inside a
@@ -26,19 +26,7 @@ class LeastConnChannel(grpc.aio.Channel):
     """
 
     def __init__(self, core: Core) -> None:
-        self._core = core
-
-    @property
-    def target(self) -> str:
-        return self._core.target
-
-    def connection_table(self) -> dict[str, int]:
-        """Every known backend ("host:port") -> RPCs in flight on it now."""
-        return self._core.connection_table()
-
-    def backends(self) -> tuple[BackendState, ...]:
-        """Every backend as it stands now: the current address set's, then those draining."""
-        return self._core.backends()
+        self._core: Core = core
 
     def unary_unary(
         self,

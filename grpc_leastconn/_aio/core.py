@@ -15,13 +15,11 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from .._core.backend import Backend, BackendState, Health
-from .._core.backend_options import backend_channel_spec
-from .._core.backoff import Backoff
-from .._core.balancer import Balancer
-from .._core.maintenance import MaintenancePlan, Step, resolve_initial
-from .._core.resolver import Resolution, Resolver
-from .._core.rules import Report, make_balancer, no_backend, outcome
+from .._core.backend import Backend, Health
+from .._core.foundation import Foundation
+from .._core.maintenance import Step
+from .._core.resolver import Resolution
+from .._core.rules import Report, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
@@ -62,7 +60,7 @@ def settled(ask: Callable[[], Coroutine[Any, Any, _T]]) -> _T | None:
     return None
 
 
-class Core:
+class Core(Foundation[BackendChannel]):
     """Balancer + backend channels + tasks: what the channel and its calls share."""
 
     def __init__(
@@ -72,27 +70,21 @@ class Core:
         loop: asyncio.AbstractEventLoop,
         seams: Seams,
     ) -> None:
-        self.settings = settings
-        self.target = settings.target.text
+        super().__init__(settings, seams)
         self.loop = loop
         self._interceptors = interceptors
-        self._balancer: Balancer[BackendChannel] = make_balancer(settings, seams)
         # The hot path's pick: a backend, counted, or None (see ``pick``).
         self.pick_now = self._balancer.pick
         # Replaced on every change that could make a backend eligible or
         # change the aggregate state, and on close: whoever waits on the old
         # one looks again.
         self._changed = asyncio.Event()
-        self._health_backoff = Backoff(rng=settings.rng)
         # Backend channels being closed; the loop keeps only weak references to tasks.
         self._closing: set[asyncio.Task[None]] = set()
-        self.resolver = seams.resolver or Resolver(settings.target)
-        first = resolve_initial(self.resolver)
-        self.plan = MaintenancePlan.for_target(settings, first, seams.clock)
         self._timer: Timer | None = None
         if seams.observer is not None:
             seams.observer.on_attach(self)
-        self.apply(first.addresses)
+        self.apply(self.first_addresses)
         if self.plan.needed:
             self._timer = Timer(self)
 
@@ -107,14 +99,11 @@ class Core:
         self._notify()
 
     def _open(self, backend: _Backend) -> None:
-        settings = self.settings
         backend.channel = BackendChannel(
-            backend_channel_spec(
-                backend.address, settings.options, settings.credentials, settings.compression
-            ),
+            self._spec(backend),
             name=backend.key,
             interceptors=self._interceptors,
-            health_check_service=settings.health_check_service,
+            health_check_service=self.settings.health_check_service,
             health_backoff=self._health_backoff,
             on_connectivity=Report(self.on_connectivity, backend),
             on_health=Report(self.on_health, backend),
@@ -235,16 +224,6 @@ class Core:
             if state is _SHUTDOWN:
                 raise grpc.aio.UsageError(CLOSED_DETAILS)
             await changed.wait()
-
-    def connection_table(self) -> dict[str, int]:
-        return self._balancer.connection_table()
-
-    def backends(self) -> tuple[BackendState, ...]:
-        return self._balancer.states()
-
-    def inspect(self, look: Callable[[Balancer[BackendChannel]], _T]) -> _T:
-        """``look(balancer)``: a seam for tests that check invariants (call it on the loop)."""
-        return look(self._balancer)
 
     async def close(self, grace: float | None) -> None:
         if self._balancer.closed:

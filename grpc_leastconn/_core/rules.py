@@ -129,6 +129,36 @@ class Report(Generic[ChannelT, ValueT]):
             method(self._backend, value)
 
 
+UnaryInnerT = TypeVar("UnaryInnerT", covariant=True)
+StreamInnerT = TypeVar("StreamInnerT", covariant=True)
+_Serializer = Callable[[Any], bytes] | None
+_Deserializer = Callable[[bytes], Any] | None
+
+
+class Factories(Protocol[UnaryInnerT, StreamInnerT]):
+    """A backend's grpc channel (sync or asyncio) as the inner caches use it.
+
+    grpcio's factories take ``_registered_method`` (the keyword generated
+    stubs pass), which its type stubs do not declare.
+    """
+
+    def unary_unary(
+        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
+    ) -> UnaryInnerT: ...
+
+    def unary_stream(
+        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
+    ) -> StreamInnerT: ...
+
+    def stream_unary(
+        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
+    ) -> UnaryInnerT: ...
+
+    def stream_stream(
+        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
+    ) -> StreamInnerT: ...
+
+
 class InnerCache(Generic[InnerT]):
     """A balanced multicallable's inner multicallables, one per backend.
 

@@ -22,7 +22,7 @@ import grpc
 
 from .._core.backend import Backend
 from .._core.balancer import log
-from .._core.rules import InnerCache, Release, error_outcome, may_repick
+from .._core.rules import Factories, InnerCache, Release, error_outcome, may_repick
 from .backend_channel import BackendChannel
 from .core import Core
 from .failed import FailedCall
@@ -87,29 +87,7 @@ class _InnerStreamResponse(Protocol):
     ) -> Any: ...
 
 
-_Serializer = Callable[[Any], bytes] | None
-_Deserializer = Callable[[bytes], Any] | None
-
-
-class _Factories(Protocol):
-    """A backend's grpc.Channel as we use it: grpcio's factories take _registered_method
-    (the keyword generated stubs pass), which its type stubs do not declare."""
-
-    def unary_unary(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _InnerUnaryResponse: ...
-
-    def unary_stream(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _InnerStreamResponse: ...
-
-    def stream_unary(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _InnerUnaryResponse: ...
-
-    def stream_stream(
-        self, method: str, s: _Serializer, d: _Deserializer, *, _registered_method: bool | None
-    ) -> _InnerStreamResponse: ...
+_Factories = Factories[_InnerUnaryResponse, _InnerStreamResponse]
 
 
 _InnerT = TypeVar("_InnerT", _InnerUnaryResponse, _InnerStreamResponse)

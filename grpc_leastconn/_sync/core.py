@@ -15,17 +15,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 
-from .._core.backend import Backend, BackendState, Health
-from .._core.backend_options import backend_channel_spec
-from .._core.backoff import Backoff
-from .._core.balancer import Balancer, log
-from .._core.maintenance import MaintenancePlan, Step, resolve_again, resolve_initial
-from .._core.resolver import Resolver
-from .._core.rules import Report, make_balancer, no_backend, outcome
+from .._core.backend import Backend, Health
+from .._core.balancer import log
+from .._core.foundation import Foundation
+from .._core.maintenance import Step, resolve_again
+from .._core.rules import Report, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
@@ -34,34 +32,27 @@ from .failed import FailedCall
 from .maintenance import Timer
 
 _Backend = Backend[BackendChannel]
-_T = TypeVar("_T")
 _Subscriber = Callable[[grpc.ChannelConnectivity], None]
 
 
-class Core:
+class Core(Foundation[BackendChannel]):
     """Balancer + lock + backend channels + timer: what the channel and its calls share."""
 
     def __init__(self, settings: Settings, seams: Seams) -> None:
-        self.settings = settings
-        self.target = settings.target.text
-        self._lock = threading.Lock()
+        super().__init__(settings, seams)
+        self._lock = self._guard = threading.Lock()
         # Notified on every change that could make a backend eligible, and on
         # close: calls waiting for a backend re-check then.
         self._changed = threading.Condition(self._lock)
-        self._balancer: Balancer[BackendChannel] = make_balancer(settings, seams)
-        self._health_backoff = Backoff(rng=settings.rng)
         self._subscribers: dict[_Subscriber, None] = {}
         self._reported_state: grpc.ChannelConnectivity | None = None
         self._deliveries: _Deliveries | None = None
-        self._resolver = seams.resolver or Resolver(settings.target)
-        first = resolve_initial(self._resolver)
-        self._plan = MaintenancePlan.for_target(settings, first, seams.clock)
         # Set before any backend channel exists: their reports read it.
         self._timer: Timer | None = None
         if seams.observer is not None:
             seams.observer.on_attach(self)
-        self._apply(first.addresses)
-        if self._plan.needed:
+        self._apply(self.first_addresses)
+        if self.plan.needed:
             self._timer = Timer(self)
 
     def _apply(self, addresses: Sequence[Address]) -> None:
@@ -74,13 +65,10 @@ class Core:
         self._close_channels(change.to_close)
 
     def _open(self, backend: _Backend) -> None:
-        settings = self.settings
         backend.channel = BackendChannel(
-            backend_channel_spec(
-                backend.address, settings.options, settings.credentials, settings.compression
-            ),
+            self._spec(backend),
             name=backend.key,
-            health_check_service=settings.health_check_service,
+            health_check_service=self.settings.health_check_service,
             health_backoff=self._health_backoff,
             on_connectivity=Report(self.on_connectivity, backend),
             on_health=Report(self.on_health, backend),
@@ -167,7 +155,7 @@ class Core:
             if not self._balancer.set_connectivity(backend, state):
                 return
             self._changed.notify_all()
-            wake = self._plan.connectivity_changed(state)
+            wake = self.plan.connectivity_changed(state)
         if wake and self._timer is not None:
             self._timer.wake()
         self._report_state()
@@ -199,17 +187,17 @@ class Core:
         with self._lock:
             if self._balancer.closed:
                 return Step()
-            step = self._plan.step(self._balancer)
+            step = self.plan.step(self._balancer)
         self._close_channels(step.expired)
         return step
 
     def resolve_now(self) -> None:
         """Resolve the target and apply the answer; a failure keeps the last good set."""
-        resolution = resolve_again(self._resolver, self.target)
+        resolution = resolve_again(self.resolver, self.target)
         if resolution is not None:
             self._apply(resolution.addresses)
         with self._lock:
-            self._plan.finished(resolution)
+            self.plan.finished(resolution)
 
     # -- the channel's own API --------------------------------------------------
 
@@ -235,19 +223,6 @@ class Core:
     def unsubscribe(self, callback: _Subscriber) -> None:
         with self._lock:
             self._subscribers.pop(callback, None)
-
-    def connection_table(self) -> dict[str, int]:
-        with self._lock:
-            return self._balancer.connection_table()
-
-    def backends(self) -> tuple[BackendState, ...]:
-        with self._lock:
-            return self._balancer.states()
-
-    def inspect(self, look: Callable[[Balancer[BackendChannel]], _T]) -> _T:
-        """``look(balancer)`` under the lock: a seam for tests that check invariants."""
-        with self._lock:
-            return look(self._balancer)
 
     def close(self) -> None:
         with self._lock:
