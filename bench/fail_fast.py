@@ -1,7 +1,7 @@
 """A backend that fails fast must not attract traffic: grpc_leastconn against round_robin.
 
 Four backends (examples/server.py's ``start_backend``), all SERVING on
-grpc.health.v1 throughout. The client sends ``Ping(delay_ms=5)`` from 8
+grpc.health.v1 throughout. The client sends ``Ping(delay_ms=5)`` (--delay-ms) from 8
 threads, each in a closed loop, through ONE channel over ``ipv4:a,b,c,d``:
 
   grpc_leastconn  grpc_leastconn.insecure_channel, default settings (failure
@@ -63,7 +63,12 @@ with the successful ones (ok/s) next to them: a failed call returns at once,
 without the 5 ms, so a policy that sends calls to the failing backend runs
 its closed loop faster and its calls/s alone would flatter it.
 
-Run:  python bench/fail_fast.py [--runs 3] [--quick]
+--delay-ms sets the Ping's time on the backend (default 5). The failing
+backend's trial calls come at a rate per second set by the penalty's decay
+and the peers' load, not by the call rate, so the failed share grows with
+the call's duration: try --delay-ms 50.
+
+Run:  python bench/fail_fast.py [--runs 3] [--delay-ms 5] [--quick]
 A default run takes about 3 minutes: 3 runs x 3 scenarios x 2 policies x
 8 s of load, plus the recovery and set-up; --quick (one run, onset 1 s,
 window t0+1 s .. t0+3 s, recovery bound 15 s) about 30 s.
@@ -113,7 +118,7 @@ RECOVERY_SCENARIO = "unavailable"
 TARGET_FAILED_SHARE = 0.02
 N_BACKENDS = 4
 THREADS = 8
-DELAY_MS = 5
+DEFAULT_DELAY_MS = 5
 FAIR_SHARE = 1 / N_BACKENDS
 READMIT_SHARE = 0.8 * FAIR_SHARE
 TARGET_READMIT_S = 30.0
@@ -248,8 +253,11 @@ class Load:
     every list is sorted by start time.
     """
 
-    def __init__(self, call: Callable[..., Any], addresses: Sequence[str], limit_s: float) -> None:
+    def __init__(
+        self, call: Callable[..., Any], addresses: Sequence[str], limit_s: float, delay_ms: int
+    ) -> None:
         self._call = call
+        self._delay_ms = delay_ms
         self._index = {address: i for i, address in enumerate(addresses)}
         self.records: list[list[Record]] = [[] for _ in range(THREADS)]
         # Failures that are not the injected ones (code name -> count).
@@ -278,7 +286,7 @@ class Load:
 
     def _work(self, i: int) -> None:
         out, call, index = self.records[i], self._call, self._index
-        request = conference_pb2.PingRequest(delay_ms=DELAY_MS)
+        request = conference_pb2.PingRequest(delay_ms=self._delay_ms)
         clock, stop, deadline = time.perf_counter, self._stop, self._deadline
         try:
             # Bounded: the stop event, and the deadline if the benchmark never sets it.
@@ -431,7 +439,13 @@ def recovery_times(
 
 
 def run_trial(
-    server: ServerProcess, scenario: str, policy: str, run: int, failing: int, timings: Timings
+    server: ServerProcess,
+    scenario: str,
+    policy: str,
+    run: int,
+    failing: int,
+    timings: Timings,
+    delay_ms: int,
 ) -> Trial:
     code, every = SCENARIOS[scenario]
     addresses = server.addresses
@@ -449,7 +463,7 @@ def run_trial(
     try:
         ping = conference_pb2_grpc.ConferenceStub(channel).Ping  # type: ignore[no-untyped-call]
         warm(channel, ping, addresses)
-        load = Load(ping, addresses, limit_s)
+        load = Load(ping, addresses, limit_s, delay_ms)
         sleep_until(load.started + timings.onset_s)
         server.fail_calls(failing, code, every)
         t0 = time.perf_counter()
@@ -567,6 +581,12 @@ def median_time(values: Sequence[float | None]) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=3, help="repetitions (default 3)")
+    ap.add_argument(
+        "--delay-ms",
+        type=int,
+        default=DEFAULT_DELAY_MS,
+        help=f"each Ping's time on the backend (default {DEFAULT_DELAY_MS})",
+    )
     ap.add_argument("--quick", action="store_true", help="one short run")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -575,14 +595,14 @@ def main() -> int:
     timings = DEFAULT_TIMINGS
     if args.quick:
         args.runs, timings = 1, QUICK_TIMINGS
-    if args.runs < 1:
-        ap.error("need --runs >= 1")
+    if args.runs < 1 or not 0 <= args.delay_ms <= 1000:
+        ap.error("need --runs >= 1 and --delay-ms in 0..1000")
     # The failures are deliberate; grpc_leastconn's WARNINGs would drown the tables.
     logging.getLogger("grpc_leastconn").setLevel(logging.ERROR)
 
     info = print_machine(
         f"fail_fast: one of {N_BACKENDS} backends fails fast, {THREADS} client threads, "
-        f"Ping delay {DELAY_MS} ms"
+        f"Ping delay {args.delay_ms} ms"
     )
     print(
         f"   onset t0 {timings.onset_s:g} s after the load starts; window t0+"
@@ -606,7 +626,9 @@ def main() -> int:
             for s, scenario in enumerate(SCENARIOS):
                 order = POLICIES if (run + s) % 2 == 0 else POLICIES[::-1]
                 for policy in order:
-                    trials.append(run_trial(server, scenario, policy, run, failing, timings))
+                    trials.append(
+                        run_trial(server, scenario, policy, run, failing, timings, args.delay_ms)
+                    )
                     print_trial(trials[-1], args.runs)
     finally:
         server.stop()
@@ -723,7 +745,7 @@ def main() -> int:
             "onset_s": timings.onset_s,
             "window_after_t0_s": list(timings.window),
             "threads": THREADS,
-            "delay_ms": DELAY_MS,
+            "delay_ms": args.delay_ms,
             "results": results,
             "recovery": {
                 "first_ok_s_runs": [None if x is None else round(x, 3) for x in first_ok],

@@ -12,6 +12,7 @@ import logging
 import time
 from typing import Any
 
+import conference_pb2 as pb
 import conference_pb2_grpc
 import grpc
 import pytest
@@ -312,3 +313,46 @@ def test_outlier_detection_ejects_a_failing_backend_then_returns_it(
         level == logging.INFO and sick.address in text and "returns" in text
         for level, text in messages
     ), messages
+
+
+def test_a_call_waiting_while_every_backend_is_ejected_goes_once_one_returns(
+    backends: BackendFactory,
+) -> None:
+    (only,) = backends(1)
+    detection = grpc_leastconn.OutlierDetection(
+        interval=0.2,
+        base_ejection_time=0.5,
+        max_ejection_percent=100,
+        failure_percentage_ejection=grpc_leastconn.FailurePercentageEjection(
+            minimum_hosts=1, request_volume=5
+        ),
+    )
+    with ready_channel([only], failure_penalty=False, outlier_detection=detection) as channel:
+        stub = conference_pb2_grpc.ConferenceStub(channel)
+        only.servicer.fail_calls(UNAVAILABLE)
+        closed_loop(
+            stub,
+            threads=2,
+            calls=10_000,
+            until=lambda: state_of(channel, only.address).ejected,
+            timeout=10.0,
+        )
+        only.servicer.fail_calls(None)
+        # Nothing to pick until the ejection ends; no event announces that,
+        # time does, and the waiting call must notice.
+        started = time.monotonic()
+        reply = stub.Ping(pb.PingRequest(payload="back"), timeout=5.0, wait_for_ready=True)
+        assert reply.payload == "back"
+        assert time.monotonic() - started < 2.0
+
+
+def test_outlier_detection_needs_failure_codes() -> None:
+    detection = grpc_leastconn.OutlierDetection(
+        failure_percentage_ejection=grpc_leastconn.FailurePercentageEjection()
+    )
+    with pytest.raises(ValueError, match="failure_codes"):
+        grpc_leastconn.insecure_channel(
+            "127.0.0.1:5001", failure_codes=(), outlier_detection=detection
+        )
+    with pytest.raises(ValueError, match="base_ejection_time"):
+        grpc_leastconn.OutlierDetection(base_ejection_time=float("inf"))

@@ -155,8 +155,14 @@ class Core(Foundation[BackendChannel]):
             backend = self.pick(wait_for_ready, deadline)
             if backend is not None:
                 return backend
+            # Woken by events; time alone can also make a backend eligible
+            # (an ejection ends), so look again when that is due.
+            due = self._balancer.seconds_until_due()
+            wake = deadline if due is None else self.loop.time() + due
+            if wake is not None and deadline is not None:
+                wake = min(wake, deadline)
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout_at(deadline):
+                async with asyncio.timeout_at(wake):
                     await changed.wait()
 
     def pick_excluding(self, failed: Iterable[_Backend]) -> _Backend | None:

@@ -270,6 +270,15 @@ class Balancer(Generic[ChannelT]):
             math.inf if detector is None else detector.next_sweep,
         )
 
+    def seconds_until_due(self) -> float | None:
+        """When a wait for a backend should look again: a penalty decays, a sweep is due.
+
+        None when nothing changes with time alone.
+        """
+        if self._due == math.inf:
+            return None
+        return max(0.0, self._due - self.clock())
+
     def pick_fresh(self) -> Backend[ChannelT] | None:
         """A pick after refresh(): for when ``pick`` found nobody (penalties may have decayed)."""
         self.refresh(self.clock())

@@ -42,7 +42,7 @@ def _check(owner: str, name: str, value: object, *, kind: type, low: float, high
         wanted = "a whole number" if kind is int else "a number of seconds"
         raise TypeError(f"{owner}.{name} must be {wanted}, not {type(value).__name__}")
     number = float(value)
-    if math.isnan(number) or not low <= number <= high:
+    if not math.isfinite(number) or not low <= number <= high:
         bound = f">= {low:g}" if high == math.inf else f"in {low:g}..{high:g}"
         raise ValueError(f"{owner}.{name} must be {bound}; got {value!r}")
 
@@ -141,7 +141,7 @@ class OutlierDetection:
 class OutlierDetector:
     """Runs A50's sweeps over one channel's backends."""
 
-    __slots__ = ("_rng", "_target", "config", "next_sweep")
+    __slots__ = ("_ejected", "_rng", "_target", "config", "next_sweep")
 
     def __init__(
         self, config: OutlierDetection, *, target: str, rng: random.Random, now: float
@@ -150,11 +150,14 @@ class OutlierDetector:
         self._target = target
         self._rng = rng
         self.next_sweep = now + config.interval
+        # Ejected backends, counted at each sweep's start and kept up to date.
+        self._ejected = 0
 
     def sweep(self, backends: Sequence[Backend[Any]], now: float) -> list[Backend[Any]]:
         """One interval's judgement (A50's timer); the backends whose ejection changed."""
         self.next_sweep = now + self.config.interval
         results: dict[Backend[Any], tuple[int, int]] = {}
+        self._ejected = sum(1 for b in backends if b.ejected_at is not None)
         for backend in backends:
             # A50: swap the call counter's buckets; the inactive one is judged.
             results[backend] = (backend.calls_succeeded, backend.calls_failed)
@@ -198,7 +201,7 @@ class OutlierDetector:
         mean = statistics.fmean(rates)
         threshold = mean - statistics.pstdev(rates, mean) * rule.stdev_factor / 1000
         for backend, rate in judged.items():
-            if not self._may_eject(results):
+            if not self._may_eject(len(results)):
                 return
             if rate < threshold and self._enforced(rule.enforcement_percentage):
                 self._eject(
@@ -218,7 +221,7 @@ class OutlierDetector:
         if len(results) < rule.minimum_hosts:
             return
         for backend, (ok, bad) in results.items():
-            if not self._may_eject(results):
+            if not self._may_eject(len(results)):
                 return
             if ok + bad < rule.request_volume or ok + bad == 0:
                 continue
@@ -226,9 +229,9 @@ class OutlierDetector:
             if percent >= rule.threshold and self._enforced(rule.enforcement_percentage):
                 self._eject(backend, now, changed, f"{percent:.0f} % of {ok + bad} calls failed")
 
-    def _may_eject(self, results: dict[Backend[Any], tuple[int, int]]) -> bool:
-        ejected = sum(1 for b in results if b.ejected_at is not None)
-        return ejected == 0 or ejected * 100 < self.config.max_ejection_percent * len(results)
+    def _may_eject(self, hosts: int) -> bool:
+        ejected = self._ejected
+        return ejected == 0 or ejected * 100 < self.config.max_ejection_percent * hosts
 
     def _enforced(self, percentage: int) -> bool:
         return self._rng.randrange(100) < percentage
@@ -240,6 +243,7 @@ class OutlierDetector:
             return
         backend.ejected_at = now
         backend.ejections += 1
+        self._ejected += 1
         changed.append(backend)
         seconds = min(
             self.config.base_ejection_time * backend.ejections, self.config.longest_ejection

@@ -133,6 +133,12 @@ def make_settings(
             "outlier_detection must be a grpc_leastconn.OutlierDetection or None, "
             f"not {type(outlier_detection).__name__}"
         )
+    failure_codes = check_failure_codes(tuning.get("failure_codes", DEFAULT_FAILURE_CODES))
+    if outlier_detection is not None and not failure_codes:
+        raise ValueError(
+            "outlier_detection needs failure_codes: with none, no call counts as failed "
+            "(turn the penalty alone off with failure_penalty=False)"
+        )
     return Settings(
         target=parsed,
         credentials=credentials,
@@ -144,7 +150,7 @@ def make_settings(
         resolve_min_interval=min_interval,
         resolve_max_interval=max_interval,
         drain_timeout=drain,
-        failure_codes=check_failure_codes(tuning.get("failure_codes", DEFAULT_FAILURE_CODES)),
+        failure_codes=failure_codes,
         failure_penalty=_flag("failure_penalty", tuning.get("failure_penalty", True)),
         outlier_detection=outlier_detection,
     )

@@ -131,8 +131,10 @@ class Core(Foundation[BackendChannel]):
             failure = no_backend(balancer, wait_for_ready, remaining)
             if failure is not None:
                 raise FailedCall(*failure)
-            self._changed.wait(remaining)
-            backend = balancer.pick()
+            # Woken by events; time alone can also make a backend eligible
+            # (an ejection ends), so look again when that is due.
+            self._changed.wait(_sooner(remaining, balancer.seconds_until_due()))
+            backend = balancer.pick_fresh()
             if backend is not None:
                 return backend
 
@@ -244,6 +246,12 @@ class Core(Foundation[BackendChannel]):
             return
         with contextlib.suppress(Exception):
             self.close()
+
+
+def _sooner(a: float | None, b: float | None) -> float | None:
+    if a is None:
+        return b
+    return a if b is None else min(a, b)
 
 
 class _Deliveries:
