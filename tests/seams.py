@@ -56,6 +56,8 @@ Seams = seams.Seams
 Settings = settings.Settings
 Step = maintenance.Step
 SUCCESS_FACTOR = failures.SUCCESS_FACTOR
+MAX_DECAY_S = failures.MAX_DECAY_S
+STREAK_DOUBLING = failures.STREAK_DOUBLING
 SuccessRateEjection = outlier.SuccessRateEjection
 TIE_BREAKS = picker.TIE_BREAKS
 WARN_AT = failures.WARN_AT
@@ -79,7 +81,9 @@ __all__ = [
     "DECAY_S",
     "DEFAULT_FAILURE_CODES",
     "FORGET",
+    "MAX_DECAY_S",
     "REFRESH_S",
+    "STREAK_DOUBLING",
     "SUCCESS_FACTOR",
     "TIE_BREAKS",
     "WARN_AT",

@@ -21,7 +21,9 @@ from seams import (
     DECAY_S,
     DEFAULT_FAILURE_CODES,
     FORGET,
+    MAX_DECAY_S,
     REFRESH_S,
+    STREAK_DOUBLING,
     SUCCESS_FACTOR,
     WARN_AT,
     Address,
@@ -38,6 +40,11 @@ Code = grpc.StatusCode
 OK = Code.OK
 UNAVAILABLE = Code.UNAVAILABLE
 READY = grpc.ChannelConnectivity.READY
+
+
+def decay_after(streak: int) -> float:
+    """The decay time constant after ``streak`` failures in a row."""
+    return min(MAX_DECAY_S, DECAY_S * 2 ** (streak / STREAK_DOUBLING))
 
 
 def by_name(codes: Collection[grpc.StatusCode]) -> list[grpc.StatusCode]:
@@ -165,12 +172,14 @@ def test_a_success_shrinks_the_penalty_by_success_factor() -> None:
 def test_the_penalty_decays_with_time_constant_decay_s() -> None:
     balancer, [bad, *_], clock = ready()
     call(balancer, bad, UNAVAILABLE, 3)
+    # Three failures in a row: it fades a little slower than DECAY_S.
+    decay = DECAY_S * 2 ** (3 / STREAK_DOUBLING)
     for t in (0.25, 0.5, 1.0, 2.0):
         clock.now = T0 + t
-        assert penalty(balancer, bad) == pytest.approx(3 * math.exp(-t / DECAY_S), abs=1e-3)
-    # A success shrinks what is left at that moment.
+        assert penalty(balancer, bad) == pytest.approx(3 * math.exp(-t / decay), abs=1e-3)
+    # A success shrinks what is left at that moment, and ends the streak.
     call(balancer, bad, OK)
-    left = 3 * math.exp(-2 / DECAY_S) * SUCCESS_FACTOR
+    left = 3 * math.exp(-2 / decay) * SUCCESS_FACTOR
     assert penalty(balancer, bad) == pytest.approx(left, abs=1e-3)
     # A failure adds 1 to what is left.
     clock.now += 0.5
@@ -198,10 +207,11 @@ def test_below_forget_successes_make_it_exactly_zero() -> None:
 def test_below_forget_decay_makes_it_exactly_zero() -> None:
     balancer, [bad, *others], clock = ready()
     call(balancer, bad, UNAVAILABLE)
-    forgotten_after = DECAY_S * math.log(1.0 / FORGET)
+    decay = decay_after(1)
+    forgotten_after = decay * math.log(1.0 / FORGET)
     clock.now = T0 + forgotten_after - 0.2
     balancer.refresh(clock.now)
-    assert bad.penalty == pytest.approx(FORGET * math.exp(0.2 / DECAY_S))
+    assert bad.penalty == pytest.approx(FORGET * math.exp(0.2 / decay))
     assert bad.penalty_at == clock.now
     clock.now = T0 + forgotten_after + 0.01  # at least REFRESH_S later
     balancer.refresh(clock.now)
@@ -278,18 +288,18 @@ def test_release_refreshes_lazily_once_refresh_s_passed() -> None:
     clock.now = T0 + REFRESH_S / 2
     call(balancer, other, OK)
     assert (bad.penalty, bad.penalty_at) == (2.0, T0)  # not yet
-    clock.now = T0 + 0.7
+    clock.now = T0 + 0.8
     call(balancer, other, OK)  # due: every penalty is brought up to date
-    assert bad.penalty_at == T0 + 0.7
-    assert bad.penalty == pytest.approx(2 * math.exp(-0.7 / DECAY_S))
-    assert bad.extra == 0  # 0.99: the picker no longer sees it
+    assert bad.penalty_at == T0 + 0.8
+    assert bad.penalty == pytest.approx(2 * math.exp(-0.8 / decay_after(2)))
+    assert bad.extra == 0  # 0.997: the picker no longer sees it
     # The next refresh is REFRESH_S later.
-    clock.now = T0 + 0.7 + REFRESH_S / 2
+    clock.now = T0 + 0.8 + REFRESH_S / 2
     call(balancer, other, OK)
-    assert bad.penalty_at == T0 + 0.7
-    clock.now = T0 + 0.7 + REFRESH_S
+    assert bad.penalty_at == T0 + 0.8
+    clock.now = T0 + 0.8 + REFRESH_S
     call(balancer, other, OK)
-    assert bad.penalty_at == T0 + 0.7 + REFRESH_S
+    assert bad.penalty_at == T0 + 0.8 + REFRESH_S
 
 
 def test_pick_fresh_refreshes_before_picking() -> None:
@@ -393,11 +403,11 @@ def test_warning_once_at_warn_at_and_info_when_forgotten(caplog: pytest.LogCaptu
     assert logged(caplog) == [warning]
     call(balancer, bad, UNAVAILABLE, 10)
     assert logged(caplog) == [warning]  # not repeated
-    clock.now = T0 + 3  # 13 * e**-3 = 0.65: still penalized
+    clock.now = T0 + 3  # 13 in a row fade slowly: about 3.8 left
     call(balancer, other, OK)
-    assert bad.penalty > 0
+    assert bad.penalty == pytest.approx(13 * math.exp(-3 / decay_after(13)))
     assert logged(caplog) == [warning]
-    clock.now = T0 + 10
+    clock.now = T0 + 15
     call(balancer, other, OK)
     assert bad.penalty == 0.0
     assert logged(caplog) == [
@@ -532,3 +542,18 @@ def test_factories_want_a_bool_for_failure_penalty(value: object) -> None:
         settings_with(failure_penalty=value)
     assert settings_with().failure_penalty is True
     assert settings_with(failure_penalty=False).failure_penalty is False
+
+
+def test_a_long_run_of_failures_fades_more_slowly_up_to_max_decay_s() -> None:
+    balancer, [bad, *_], clock = ready()
+    call(balancer, bad, UNAVAILABLE, 60)
+    start = penalty(balancer, bad)
+    clock.now += 1.0
+    # 60 in a row: the slowest decay, MAX_DECAY_S.
+    assert penalty(balancer, bad) == pytest.approx(start * math.exp(-1 / MAX_DECAY_S), abs=1e-3)
+    assert MAX_DECAY_S > DECAY_S
+    call(balancer, bad, OK)
+    left = penalty(balancer, bad)
+    clock.now += 1.0
+    # One success: back to the quick decay.
+    assert penalty(balancer, bad) == pytest.approx(left * math.exp(-1 / DECAY_S), abs=1e-3)

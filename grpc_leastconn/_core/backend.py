@@ -87,6 +87,7 @@ class Backend(Node, Generic[ChannelT]):
         "drain_deadline",
         "ejected_at",
         "ejections",
+        "failure_streak",
         "health",
         "key",
         "penalty",
@@ -111,6 +112,8 @@ class Backend(Node, Generic[ChannelT]):
         # The failure penalty (see failures.py), as of penalty_at.
         self.penalty = 0.0
         self.penalty_at = 0.0
+        # Failures in a row: the longer, the slower its penalty fades.
+        self.failure_streak = 0
         self.warned_failing = False
         # Outlier detection (see outlier.py): this interval's call results,
         # when it was ejected (None: it is not), and its ejection multiplier.

@@ -6,7 +6,9 @@ traffic (the Google SRE book's "Least-Loaded Round Robin" trap; Linkerd
 counts a failure as a penalty latency for the same reason). Here each
 failure counts as one more call in flight on its backend, a count that
 fades: it decays with a time constant of ``DECAY_S`` while no call lands
-there, and every success takes ``1 - SUCCESS_FACTOR`` of it away. The
+there (up to ``MAX_DECAY_S`` for a long run of failures, so a backend that
+keeps failing its trial calls is tried less and less often), and every
+success takes ``1 - SUCCESS_FACTOR`` of it away. The
 picker sees ``floor(penalty)`` as the backend's ``extra`` load, in the one
 cost every signal feeds.
 
@@ -14,9 +16,9 @@ cost every signal feeds.
   within a few calls; it gets a trial call whenever its penalty has decayed
   below its peers' load, so it returns within seconds once it answers
   again (each success shrinks what is left).
-- A backend failing part of its calls keeps a penalty that grows with its
-  failure ratio (every other call failing holds it near 4), so it takes
-  fewer calls than its healthy peers, and fewer fail than round robin's.
+- A backend failing part of its calls keeps a penalty near its peers'
+  load (every other call failing: about 1-2 % of the calls where round
+  robin gives it 25 %), so few of the calls fail.
 - A backend with the same background error rate as its peers keeps about
   the penalty they keep, near zero for a few per cent, so it is treated as
   they are.
@@ -57,13 +59,16 @@ DEFAULT_FAILURE_CODES: Final = frozenset(
 # The caller's doing, never the backend's: refused as failure codes.
 CALLER_CODES: Final = frozenset({_Code.OK, _Code.CANCELLED, _Code.DEADLINE_EXCEEDED})
 
-# Seconds for a penalty to fall to 1/e while no call lands on its backend.
+# Seconds for a penalty to fall to 1/e while no call lands on its backend,
+# doubling with every STREAK_DOUBLING failures in a row, up to MAX_DECAY_S.
 DECAY_S: Final = 1.0
+MAX_DECAY_S: Final = 4.0
+STREAK_DOUBLING: Final = 10
 # What a success leaves of the penalty: 0.8 forgets a failure within about
 # a dozen good calls, yet keeps a half-failing backend visibly busier.
 SUCCESS_FACTOR: Final = 0.8
-# A bound, so a backend returns within DECAY_S * ln(CAP / FORGET) seconds
-# (about 7 s) even if nobody sends it a trial call.
+# A bound, so a backend returns within MAX_DECAY_S * ln(CAP) seconds (about
+# 18 s) even when its peers are idle and it has had no trial call.
 CAP: Final = 100.0
 # Below this a penalty is forgotten.
 FORGET: Final = 0.1
@@ -96,7 +101,9 @@ class FailurePenalty:
 
     def failed(self, backend: Backend[Any], code: grpc.StatusCode) -> None:
         now = self._clock()
+        # Decayed at the pace of the streak so far, which this failure extends.
         penalty = min(CAP, decayed_penalty(backend, now) + 1.0)
+        backend.failure_streak += 1
         self._store(backend, penalty, now)
         if penalty >= WARN_AT and not backend.warned_failing:
             backend.warned_failing = True
@@ -111,7 +118,9 @@ class FailurePenalty:
     def succeeded(self, backend: Backend[Any]) -> None:
         """Only for a backend with a penalty (the caller checks: this is the hot path)."""
         now = self._clock()
-        self._store(backend, decayed_penalty(backend, now) * SUCCESS_FACTOR, now)
+        penalty = decayed_penalty(backend, now) * SUCCESS_FACTOR
+        backend.failure_streak = 0
+        self._store(backend, penalty, now)
 
     def refresh(self, now: float) -> None:
         """Decay every penalty to ``now``; called at most every REFRESH_S."""
@@ -127,6 +136,7 @@ class FailurePenalty:
     def _store(self, backend: Backend[Any], penalty: float, now: float) -> None:
         if penalty < FORGET:
             penalty = 0.0
+            backend.failure_streak = 0
             if backend in self.penalized:
                 del self.penalized[backend]
                 if backend.warned_failing:
@@ -145,7 +155,8 @@ def decayed_penalty(backend: Backend[Any], now: float) -> float:
     penalty = backend.penalty
     if not penalty:
         return 0.0
-    return penalty * math.exp(-(now - backend.penalty_at) / DECAY_S)
+    decay = min(MAX_DECAY_S, DECAY_S * 2 ** (backend.failure_streak / STREAK_DOUBLING))
+    return penalty * math.exp(-(now - backend.penalty_at) / decay)
 
 
 def check_failure_codes(codes: object) -> frozenset[grpc.StatusCode]:
