@@ -75,6 +75,9 @@ def test_public_surface() -> None:
             "failure_codes",
             "failure_penalty",
             "outlier_detection",
+            "weights",
+            "slow_start",
+            "call_costs",
         }
     assert "after the pick" in (grpc_leastconn.aio.insecure_channel.__doc__ or "")
 
@@ -454,8 +457,9 @@ def test_never_sent_unary_calls_are_repicked_streams_are_not(
 
     async def body() -> None:
         await asyncio.to_thread(dead.stop, None)
+        # round_robin: the counts below follow its rotation among ties.
         channel, ledger = observed_aio_channel(
-            [live.address, dead.address], health_check_service=None
+            [live.address, dead.address], health_check_service=None, tie_break="round_robin"
         )
         stub = conference_pb2_grpc.ConferenceStub(channel)
         core = ledger.core

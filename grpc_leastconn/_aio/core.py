@@ -23,6 +23,7 @@ from .._core.rules import Report, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
+from .._core.weighted import UNIT
 from .backend_channel import BackendChannel
 from .maintenance import Timer
 
@@ -135,9 +136,11 @@ class Core(Foundation[BackendChannel]):
 
     # -- hot path -------------------------------------------------------------
 
-    def pick(self, wait_for_ready: bool | None, deadline: float | None) -> _Backend | None:
-        """A backend for one RPC (counted), None to wait for one, or raise how it ends."""
-        backend = self._balancer.pick() or self._balancer.pick_fresh()
+    def pick(
+        self, wait_for_ready: bool | None, deadline: float | None, cost: int
+    ) -> _Backend | None:
+        """A backend for one RPC of ``cost`` (counted), None to wait, or raise how it ends."""
+        backend = self._balancer.pick(cost) or self._balancer.pick_fresh(cost)
         if backend is None:
             if self._balancer.closed:
                 raise Closed
@@ -148,11 +151,13 @@ class Core(Foundation[BackendChannel]):
                 raise grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
         return backend
 
-    async def acquire(self, wait_for_ready: bool | None, deadline: float | None) -> _Backend:
+    async def acquire(
+        self, wait_for_ready: bool | None, deadline: float | None, cost: int
+    ) -> _Backend:
         """Wait until ``pick`` gives a backend or says how the RPC ends."""
         while True:
             changed = self._changed
-            backend = self.pick(wait_for_ready, deadline)
+            backend = self.pick(wait_for_ready, deadline, cost)
             if backend is not None:
                 return backend
             # Woken by events; time alone can also make a backend eligible
@@ -165,20 +170,22 @@ class Core(Foundation[BackendChannel]):
                 async with asyncio.timeout_at(wake):
                     await changed.wait()
 
-    def pick_excluding(self, failed: Iterable[_Backend]) -> _Backend | None:
-        return self._balancer.pick_excluding(failed)
+    def pick_excluding(self, failed: Iterable[_Backend], cost: int) -> _Backend | None:
+        return self._balancer.pick_excluding(failed, cost)
 
-    def release(self, backend: _Backend, code: grpc.StatusCode | None = None) -> None:
+    def release(
+        self, backend: _Backend, code: grpc.StatusCode | None = None, cost: int = UNIT
+    ) -> None:
         """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
-        if self._balancer.release(backend, code):
+        if self._balancer.release(backend, code, cost):
             self._close_channel(backend)
 
-    def release_call(self, backend: _Backend, call: Any) -> None:
+    def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
         """A call's done callback: release with the call's status."""
         code = settled(call.code)
         if code is not None:
             code = outcome(code, lambda: settled(call.details), backend)
-        self.release(backend, code)
+        self.release(backend, code, cost)
 
     # -- events ---------------------------------------------------------------
 

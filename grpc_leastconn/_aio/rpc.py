@@ -68,6 +68,7 @@ class Rpc:
         "_callbacks",
         "_compression",
         "_core",
+        "_cost",
         "_credentials",
         "_deadline",
         "_first_backend",
@@ -99,6 +100,7 @@ class Rpc:
         self._core = core = multicallable._core
         self.loop = core.loop
         self._multicallable = multicallable
+        self._cost = cost = multicallable.cost
         # What each attempt sends, kept here rather than in a closure: one
         # object fewer per call.
         self._request = request
@@ -130,7 +132,7 @@ class Rpc:
         self._first_backend: _Backend | None = None
         # Sent at once, here: the common case is a backend eligible now, with
         # nothing yet waiting on the RPC.
-        backend = core.pick_now()
+        backend = core.pick_now(cost)
         if backend is not None:
             self._send(backend)
         else:
@@ -141,7 +143,7 @@ class Rpc:
     def _pick_later(self) -> None:
         """No backend now: end as the balancer says, or wait for one in a task."""
         try:
-            backend = self._core.pick(self._wait_for_ready, self._deadline)
+            backend = self._core.pick(self._wait_for_ready, self._deadline, self._cost)
         except Closed:
             raise grpc.aio.UsageError(CLOSED_DETAILS) from None
         except grpc.aio.AioRpcError as error:
@@ -180,7 +182,7 @@ class Rpc:
             else:
                 call = inner(self._request, timeout=remaining)
         except BaseException:
-            self._core.release(backend)
+            self._core.release(backend, None, self._cost)
             raise
         self.backend = backend
         self.call = call
@@ -228,13 +230,14 @@ class Rpc:
         backend, then waits like a new one.
         """
         try:
-            backend = self._core.pick_excluding(failed) if failed else None
+            core, cost = self._core, self._cost
+            backend = core.pick_excluding(failed, cost) if failed else None
             if backend is None:
-                backend = await self._core.acquire(self._wait_for_ready, self._deadline)
+                backend = await core.acquire(self._wait_for_ready, self._deadline, cost)
             if self.stage is _PICKING:
                 self._send(backend)
             else:
-                self._core.release(backend)
+                core.release(backend, None, cost)
         except Closed:
             # What grpc.aio's close() does to the calls it has started.
             self._end_early(_CANCELLED)
@@ -260,7 +263,7 @@ class Rpc:
     def _first_attempt_ended(self, call: Any) -> None:
         backend, self._first_backend = self._first_backend, None
         if backend is not None:
-            self._core.release_call(backend, call)
+            self._core.release_call(backend, call, self._cost)
         # While a coroutine awaits the call, it decides whether this attempt
         # was the last: it resumes, whatever the attempt's end.
         if not self._awaiting:
@@ -370,7 +373,7 @@ class _Attempt(Release):
     __slots__ = ("_rpc",)
 
     def __init__(self, rpc: Rpc, backend: _Backend) -> None:
-        Release.__init__(self, rpc._core, backend)
+        Release.__init__(self, rpc._core, backend, rpc._cost)
         self._rpc = rpc
 
     def __call__(self, call: object = None) -> None:

@@ -73,6 +73,8 @@ class BackendState:
     """Recent failures, counted as extra calls in flight (0 when it answers well)."""
     ejected: bool
     """Outlier detection (gRFC A50) has taken it out for a while."""
+    weight: float
+    """Its weight now: the static weight, times its slow-start factor while it ramps."""
 
 
 class Backend(Node, Generic[ChannelT]):
@@ -93,13 +95,16 @@ class Backend(Node, Generic[ChannelT]):
         "penalty",
         "penalty_at",
         "removed",
+        "static_weight",
         "warned_failing",
         "warned_unimplemented",
     )
 
-    def __init__(self, address: Address, health: Health) -> None:
+    def __init__(self, address: Address, health: Health, weight: float = 1.0) -> None:
         super().__init__()
         self.address = address
+        # Its weight as configured; ``weight`` (the picker's) ramps up to it.
+        self.static_weight = self.weight = weight
         self.key = str(address)
         self.connectivity = _Connectivity.IDLE
         self.health = health
@@ -163,6 +168,7 @@ class Backend(Node, Generic[ChannelT]):
             eligible=self.eligible,
             penalty=round(penalty, 3),
             ejected=self.ejected_at is not None,
+            weight=self.weight,
         )
 
     def __repr__(self) -> str:

@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic
 
@@ -26,8 +26,10 @@ import grpc
 from .backend import Backend, BackendState, ChannelT, Health
 from .failures import CALLER_CODES, DEFAULT_FAILURE_CODES, FailurePenalty, decayed_penalty
 from .outlier import OutlierDetection, OutlierDetector
-from .picker import LeastConnPicker, TieBreak
+from .picker import LeastConnPicker, Picker, TieBreak
+from .slowstart import Ramps, SlowStart
 from .target import Address
+from .weighted import UNIT, WeightedPicker
 
 if TYPE_CHECKING:
     from .seams import Observer
@@ -67,9 +69,24 @@ class Balancer(Generic[ChannelT]):
         failure_codes: Collection[grpc.StatusCode] = DEFAULT_FAILURE_CODES,
         failure_penalty: bool = True,
         outlier_detection: OutlierDetection | None = None,
+        weighted: bool = False,
+        weight_of: Callable[[Address], float] | None = None,
+        slow_start: SlowStart | None = None,
     ) -> None:
         self.target = target
-        self._picker = LeastConnPicker(tie_break, rng)
+        # The one cost (weighted.py): the O(1) bucket picker while every
+        # backend weighs the same and every call costs one.
+        self._picker: Picker = (
+            WeightedPicker(tie_break, rng)
+            if weighted or slow_start is not None
+            else LeastConnPicker(tie_break, rng)
+        )
+        self._weight_of = weight_of
+        self._ramps = (
+            None
+            if slow_start is None
+            else Ramps(slow_start, clock=clock, set_weight=self._picker.set_weight)
+        )
         self._observer = observer
         self.clock = clock
         # Failure signals (failures.py, outlier.py), judged as calls end.
@@ -101,10 +118,11 @@ class Balancer(Generic[ChannelT]):
         self._on_release = (
             observer.on_release if observer is not None and observer.watches("on_release") else None
         )
-        # The eligible backend with the fewest in-flight RPCs, counted +1
-        # (None if none is eligible): the picker's own method, with no
-        # call of ours around it on the hot path unless someone observes.
-        self.pick: Callable[[], Backend[ChannelT] | None] = (
+        # The eligible backend of lowest cost, now carrying one more RPC of
+        # the cost given (milli-calls), or None if none is eligible: the
+        # picker's own method, with no call of ours around it on the hot path
+        # unless someone observes.
+        self.pick: Callable[[int], Backend[ChannelT] | None] = (
             self._observed_pick
             if observer is not None and observer.watches("on_pick")
             else self._picker.pick  # type: ignore[assignment]
@@ -144,7 +162,8 @@ class Balancer(Generic[ChannelT]):
             if address not in self._backends:
                 # An address back before its old backend finished draining
                 # gets a fresh backend; the old one still closes when idle.
-                backend = Backend(address, self._initial_health)
+                weight = 1.0 if self._weight_of is None else self._weight_of(address)
+                backend = Backend(address, self._initial_health, weight)
                 self._backends[address] = backend
                 change.added.append(backend)
                 log.info("backend %s added to %r", backend.key, self.target)
@@ -190,41 +209,57 @@ class Balancer(Generic[ChannelT]):
     def _place(self, backend: Backend[ChannelT]) -> None:
         """Keep the picker's members exactly the eligible backends."""
         if backend.eligible:
-            self._picker.add(backend)
-        else:
+            if not backend.in_picker:
+                self._picker.add(backend)
+                if self._ramps is not None:
+                    # It joins: slow start ramps its weight from here.
+                    now = self.clock()
+                    self._ramps.joined(backend, now)
+                    self._ramps.refresh(self._eligible(), now)
+                    self._due = min(self._due, self._ramps.refresh_at)
+        elif backend.in_picker:
             self._picker.remove(backend)
+            if self._ramps is not None:
+                self._ramps.left(backend)
+
+    def _eligible(self) -> Iterator[Backend[ChannelT]]:
+        return (backend for backend in self._backends.values() if backend.in_picker)
 
     # -- the hot path -------------------------------------------------------
 
-    def _observed_pick(self) -> Backend[ChannelT] | None:
-        backend: Backend[ChannelT] | None = self._picker.pick()  # type: ignore[assignment]
+    def _observed_pick(self, cost: int = UNIT) -> Backend[ChannelT] | None:
+        backend: Backend[ChannelT] | None = self._picker.pick(cost)  # type: ignore[assignment]
         if backend is not None:
             assert self._observer is not None
             self._observer.on_pick(backend)
         return backend
 
-    def pick_excluding(self, excluded: Iterable[Backend[ChannelT]]) -> Backend[ChannelT] | None:
+    def pick_excluding(
+        self, excluded: Iterable[Backend[ChannelT]], cost: int = UNIT
+    ) -> Backend[ChannelT] | None:
         """A pick that skips backends an RPC already failed to reach."""
         skipped = [backend for backend in excluded if backend.in_picker]
         for backend in skipped:
             self._picker.remove(backend)
         try:
-            return self.pick()
+            return self.pick(cost)
         finally:
             for backend in skipped:
                 self._picker.add(backend)
 
-    def release(self, backend: Backend[ChannelT], code: grpc.StatusCode | None = None) -> bool:
+    def release(
+        self, backend: Backend[ChannelT], code: grpc.StatusCode | None = None, cost: int = UNIT
+    ) -> bool:
         """gRFC A48: count an RPC as ended, whatever its status.
 
         ``code`` is how it ended, for the failure signals; None when it says
-        nothing about the backend (the RPC never left this process). True
-        when the backend was draining and this was its last RPC: the front
-        end closes its backend channel now.
+        nothing about the backend (the RPC never left this process); ``cost``
+        what it was picked with. True when the backend was draining and this
+        was its last RPC: the front end closes its backend channel now.
         """
         if self._on_release is not None:
             self._on_release(backend)
-        self._picker.release(backend)
+        self._picker.release(backend, cost)
         if code is not None and not backend.removed:
             if code is _OK:
                 # The hot path: a success, usually of a backend with no penalty.
@@ -258,16 +293,19 @@ class Balancer(Generic[ChannelT]):
                 self._penalty.succeeded(backend)
 
     def refresh(self, now: float) -> None:
-        """Bring time-driven signals up to date: decay penalties, run a due A50 sweep."""
-        penalty, detector = self._penalty, self._detector
+        """Bring time-driven signals up to date: penalties, A50 sweeps, slow-start ramps."""
+        penalty, detector, ramps = self._penalty, self._detector, self._ramps
         if penalty is not None and now >= penalty.refresh_at:
             penalty.refresh(now)
         if detector is not None and now >= detector.next_sweep:
             for backend in detector.sweep(list(self._backends.values()), now):
                 self._place(backend)
+        if ramps is not None and now >= ramps.refresh_at:
+            ramps.refresh(self._eligible(), now)
         self._due = min(
             math.inf if penalty is None else penalty.refresh_at,
             math.inf if detector is None else detector.next_sweep,
+            math.inf if ramps is None else ramps.refresh_at,
         )
 
     def seconds_until_due(self) -> float | None:
@@ -279,10 +317,10 @@ class Balancer(Generic[ChannelT]):
             return None
         return max(0.0, self._due - self.clock())
 
-    def pick_fresh(self) -> Backend[ChannelT] | None:
+    def pick_fresh(self, cost: int = UNIT) -> Backend[ChannelT] | None:
         """A pick after refresh(): for when ``pick`` found nobody (penalties may have decayed)."""
         self.refresh(self.clock())
-        return self.pick()
+        return self.pick(cost)
 
     # -- timers ---------------------------------------------------------------
 

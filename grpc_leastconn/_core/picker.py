@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import random
 from collections.abc import Callable, Sequence
-from typing import Final, Literal, Protocol
+from typing import Any, Final, Literal, Protocol
 
 TieBreak = Literal["round_robin", "random", "youngest"]
 TIE_BREAKS: Final = ("round_robin", "random", "youngest")
@@ -31,7 +31,17 @@ TIE_BREAKS: Final = ("round_robin", "random", "youngest")
 class Node:
     """A pickable backend. The picker links it into one bucket at a time."""
 
-    __slots__ = ("_next", "_prev", "_slot", "extra", "in_flight", "in_picker")
+    __slots__ = (
+        "_next",
+        "_prev",
+        "_slot",
+        "entry",
+        "extra",
+        "in_flight",
+        "in_picker",
+        "units",
+        "weight",
+    )
 
     def __init__(self) -> None:
         self.in_flight = 0
@@ -39,6 +49,11 @@ class Node:
         # bucket of in_flight + extra, its load.
         self.extra = 0
         self.in_picker = False
+        # For the weighted picker (weighted.py): the call costs in flight, in
+        # milli-calls, the effective weight, and the node's live heap entry.
+        self.units = 0
+        self.weight = 1.0
+        self.entry: list[Any] | None = None
         self._prev: Node = self
         self._next: Node = self
         self._slot = -1
@@ -154,6 +169,30 @@ class _RandomBucket:
         return node
 
 
+class Picker(Protocol):
+    """What the balancer asks of a picker: this module's, or weighted.py's.
+
+    The bucket picker here serves when every backend weighs the same and
+    every call costs one; it ignores ``cost`` and weights.
+    """
+
+    size: int
+
+    def add(self, node: Node) -> None: ...
+
+    def remove(self, node: Node) -> None: ...
+
+    def pick(self, cost: int = ...) -> Node | None: ...
+
+    def release(self, node: Node, cost: int = ...) -> None: ...
+
+    def set_extra(self, node: Node, extra: int) -> None: ...
+
+    def set_weight(self, node: Node, weight: float) -> None: ...
+
+    def check_invariants(self, eligible: Sequence[Node] | None = None) -> None: ...
+
+
 class LeastConnPicker:
     def __init__(self, tie_break: TieBreak = "round_robin", rng: random.Random | None = None):
         if tie_break not in TIE_BREAKS:
@@ -226,8 +265,11 @@ class LeastConnPicker:
         elif old == self._lowest and bucket.size == 0:
             self._lowest = self._next_occupied(old)
 
-    def pick(self) -> Node | None:
-        """The eligible node with the lowest load, now counting one more RPC."""
+    def pick(self, cost: int = 1000) -> Node | None:
+        """The eligible node with the lowest load, now counting one more RPC.
+
+        Every RPC costs one here (``cost`` is for the weighted picker's sake).
+        """
         if not self.size:
             return None
         lowest = self._lowest
@@ -243,7 +285,7 @@ class LeastConnPicker:
             self._lowest = level
         return node
 
-    def release(self, node: Node) -> None:
+    def release(self, node: Node, cost: int = 1000) -> None:
         """Count one RPC of this node as ended; counts never go below zero."""
         count = node.in_flight
         if count <= 0:
@@ -256,6 +298,10 @@ class LeastConnPicker:
             buckets[level].add(node)
             if level < self._lowest:
                 self._lowest = level
+
+    def set_weight(self, node: Node, weight: float) -> None:
+        """Record the node's weight; with this picker every weight is equal (see Picker)."""
+        node.weight = weight
 
     def check_invariants(self, eligible: Sequence[Node] | None = None) -> None:
         """Assert the bucket structure is consistent (for tests).

@@ -33,7 +33,7 @@ _INNER_CACHE_PRUNE_AT = 64
 
 
 class Releaser(Protocol):
-    def release_call(self, backend: Any, call: Any) -> None: ...
+    def release_call(self, backend: Any, call: Any, cost: int) -> None: ...
 
 
 def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
@@ -48,6 +48,9 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         failure_codes=settings.failure_codes,
         failure_penalty=settings.failure_penalty,
         outlier_detection=settings.outlier_detection,
+        weighted=settings.weighted,
+        weight_of=settings.weights.of,
+        slow_start=settings.slow_start,
     )
 
 
@@ -82,16 +85,17 @@ def may_repick(error: grpc.RpcError, failed: int, backend: Backend[Any]) -> bool
 class Release:
     """Done callback that releases one RPC's count exactly once, with how it ended."""
 
-    __slots__ = ("_backend", "_core")
+    __slots__ = ("_backend", "_core", "_cost")
 
-    def __init__(self, core: Releaser, backend: Backend[Any]) -> None:
+    def __init__(self, core: Releaser, backend: Backend[Any], cost: int) -> None:
         self._core = core
         self._backend: Backend[Any] | None = backend
+        self._cost = cost
 
     def __call__(self, call: object = None) -> None:
         backend, self._backend = self._backend, None
         if backend is not None:
-            self._core.release_call(backend, call)
+            self._core.release_call(backend, call, self._cost)
 
 
 def outcome(
@@ -167,7 +171,15 @@ class InnerCache(Generic[InnerT]):
     backend channel.
     """
 
-    __slots__ = ("_core", "_deserializer", "_inner", "_method", "_registered", "_serializer")
+    __slots__ = (
+        "_core",
+        "_deserializer",
+        "_inner",
+        "_method",
+        "_registered",
+        "_serializer",
+        "cost",
+    )
 
     def __init__(
         self,
@@ -183,6 +195,8 @@ class InnerCache(Generic[InnerT]):
         self._deserializer = response_deserializer
         self._registered = registered_method
         self._inner: dict[Backend[Any], InnerT] = {}
+        # What one call of this method adds to its backend's load (call_costs).
+        self.cost: int = core.settings.call_cost(method)
 
     def _open(self, channel: Any) -> InnerT:
         """This method's multicallable on a backend's own grpc channel."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypedDict
 
@@ -20,11 +20,15 @@ from .backend_options import Option, with_reconnecting_policy
 from .failures import DEFAULT_FAILURE_CODES, check_failure_codes
 from .outlier import OutlierDetection
 from .picker import TIE_BREAKS, TieBreak
+from .slowstart import SlowStart, check_slow_start
 from .target import Target, parse_target
+from .weighted import UNIT
+from .weights import Weights, check_call_costs, check_weights
 
 Options = Sequence[Option] | None
 
-DEFAULT_TIE_BREAK: TieBreak = "round_robin"
+# Measured better than round_robin on every pattern tried (docs/benchmarks.md).
+DEFAULT_TIE_BREAK: TieBreak = "youngest"
 # "" asks about the whole server (grpc.health.v1 convention).
 DEFAULT_HEALTH_CHECK_SERVICE = ""
 DEFAULT_RESOLVE_MIN_INTERVAL = 1.0
@@ -55,6 +59,12 @@ class Tuning(TypedDict, total=False):
     """Count each failure as a fading extra call in flight (default True)."""
     outlier_detection: OutlierDetection | None
     """gRFC A50 outlier detection; None (default): off."""
+    weights: Mapping[str, float] | None
+    """Static weights by backend "host:port" of the target (default 1 each)."""
+    slow_start: float | SlowStart | None
+    """Ramp up a backend that joins a running channel over this many seconds."""
+    call_costs: Mapping[str, float] | None
+    """What one call of a method ("/pkg.Service/Method") adds to the load (default 1)."""
 
 
 _TUNING_KEYWORDS = frozenset(Tuning.__annotations__)
@@ -75,6 +85,19 @@ class Settings:
     failure_codes: frozenset[grpc.StatusCode]
     failure_penalty: bool
     outlier_detection: OutlierDetection | None
+    weights: Weights
+    slow_start: SlowStart | None
+    # Milli-calls per call, by full method name (absent: UNIT).
+    call_costs: Mapping[str, int]
+
+    @property
+    def weighted(self) -> bool:
+        """Whether picks need the weighted picker (else the O(1) bucket picker serves)."""
+        return self.weights.uneven or self.slow_start is not None or bool(self.call_costs)
+
+    def call_cost(self, method: str) -> int:
+        """What one call of ``method`` adds to its backend's load, in milli-calls."""
+        return self.call_costs.get(method, UNIT)
 
     @property
     def health_checking(self) -> bool:
@@ -153,6 +176,9 @@ def make_settings(
         failure_codes=failure_codes,
         failure_penalty=_flag("failure_penalty", tuning.get("failure_penalty", True)),
         outlier_detection=outlier_detection,
+        weights=check_weights(tuning.get("weights"), parsed),
+        slow_start=check_slow_start(tuning.get("slow_start")),
+        call_costs=check_call_costs(tuning.get("call_costs")),
     )
 
 

@@ -98,7 +98,7 @@ def _parse_list(items: Sequence[object]) -> Target:
             raise TypeError(
                 f"target list item {index} must be a 'host:port' str, not {type(item).__name__}"
             )
-        endpoints.append(_parse_host_port(item, context=f"target list item {index}"))
+        endpoints.append(parse_host_port(item, context=f"target list item {index}"))
     text = ",".join(str(item) for item in items)
     return Target(text=text, endpoints=_unique(endpoints))
 
@@ -120,7 +120,7 @@ def _parse_string(text: str) -> Target:
             "(supported: dns, ipv4, ipv6, or a bare host:port)"
         )
     # gRPC naming: a target with no known scheme is a DNS name.
-    endpoint = _parse_host_port(text, context=f"target {text!r}")
+    endpoint = parse_host_port(text, context=f"target {text!r}")
     return Target(text=text, endpoints=(endpoint,))
 
 
@@ -130,7 +130,7 @@ def _parse_ip_list(text: str, scheme: str, rest: str) -> Target:
     endpoints = []
     for part in rest.split(","):
         context = f"target {text!r}: address {part!r}"
-        endpoint = _parse_host_port(part, context=context)
+        endpoint = parse_host_port(part, context=context)
         ip = _ip_literal(endpoint.host)
         wanted = 4 if scheme == "ipv4" else 6
         if ip is None or ip.version != wanted:
@@ -146,7 +146,7 @@ def _parse_dns(text: str, rest: str) -> Target:
         if not slash:
             raise ValueError(f"target {text!r}: expected 'dns://[DNS_HOST:DNS_PORT]/host:port'")
         if authority:
-            server = _parse_host_port(
+            server = parse_host_port(
                 authority, context=f"target {text!r}: DNS server {authority!r}", default_port=53
             )
             if not server.is_literal:
@@ -156,11 +156,11 @@ def _parse_dns(text: str, rest: str) -> Target:
         name = rest
     if not name:
         raise ValueError(f"target {text!r}: no host name after 'dns:'")
-    endpoint = _parse_host_port(name, context=f"target {text!r}")
+    endpoint = parse_host_port(name, context=f"target {text!r}")
     return Target(text=text, endpoints=(endpoint,), dns_server=dns_server)
 
 
-def _parse_host_port(text: str, *, context: str, default_port: int = DEFAULT_PORT) -> Endpoint:
+def parse_host_port(text: str, *, context: str, default_port: int = DEFAULT_PORT) -> Endpoint:
     if not text:
         raise ValueError(f"{context}: empty address")
     if text.startswith("["):

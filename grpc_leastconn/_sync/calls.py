@@ -188,10 +188,10 @@ class _MultiCallable(InnerCache[_InnerT]):
         timeout: float | None,
     ) -> Any:
         """A call released by its done callback; ``start(inner, timeout)`` begins it."""
-        core = self._core
+        core, cost = self._core, self.cost
         deadline = None if timeout is None else time.monotonic() + timeout
         try:
-            backend = core.acquire(wait_for_ready, timeout)
+            backend = core.acquire(wait_for_ready, timeout, cost)
         except FailedCall as failure:
             return failure
         if deadline is not None:
@@ -200,9 +200,9 @@ class _MultiCallable(InnerCache[_InnerT]):
         try:
             call = start(self._inner_for(backend), timeout)
         except BaseException:
-            core.release(backend)
+            core.release(backend, None, cost)
             raise
-        call.add_done_callback(Release(core, backend))
+        call.add_done_callback(Release(core, backend, cost))
         return call
 
 
@@ -223,9 +223,9 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
         compression: grpc.Compression | None,
     ) -> Any:
         """A blocking call, released in ``finally``; re-picked if it never left."""
-        core = self._core
+        core, cost = self._core, self.cost
         deadline = None if timeout is None else time.monotonic() + timeout
-        backend = core.acquire(wait_for_ready, timeout)
+        backend = core.acquire(wait_for_ready, timeout, cost)
         failed: list[_Backend] = []
         while True:
             if deadline is not None:
@@ -248,10 +248,10 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
                     code = error_outcome(error, backend)
                     raise
             finally:
-                core.release(backend, code)
+                core.release(backend, code, cost)
             failed.append(backend)
             log.debug("RPC never reached %s; re-picking", backend.key)
-            backend = core.repick(failed, wait_for_ready, deadline)
+            backend = core.repick(failed, wait_for_ready, deadline, cost)
 
 
 class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]

@@ -27,6 +27,7 @@ from .._core.rules import Report, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
+from .._core.weighted import UNIT
 from .backend_channel import BackendChannel
 from .failed import FailedCall
 from .maintenance import Timer
@@ -90,24 +91,28 @@ class Core(Foundation[BackendChannel]):
 
     # -- hot path -------------------------------------------------------------
 
-    def acquire(self, wait_for_ready: bool | None, timeout: float | None) -> _Backend:
-        """Pick a backend for one RPC (counted) or raise FailedCall."""
+    def acquire(
+        self, wait_for_ready: bool | None, timeout: float | None, cost: int = UNIT
+    ) -> _Backend:
+        """Pick a backend for one RPC of ``cost`` (counted) or raise FailedCall."""
         with self._lock:
-            backend = self._balancer.pick()
+            backend = self._balancer.pick(cost)
             if backend is None:
-                backend = self._wait_for_backend(wait_for_ready, timeout)
+                backend = self._wait_for_backend(wait_for_ready, timeout, cost)
         return backend
 
-    def release(self, backend: _Backend, code: grpc.StatusCode | None = None) -> None:
+    def release(
+        self, backend: _Backend, code: grpc.StatusCode | None = None, cost: int = UNIT
+    ) -> None:
         """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
         with self._lock:
-            drained = self._balancer.release(backend, code)
+            drained = self._balancer.release(backend, code, cost)
         if drained and backend.channel is not None:
             # This may run in the backend channel's own callback thread,
             # which closing the channel would wait for: close it on another.
             threading.Thread(target=backend.channel.close, daemon=True).start()
 
-    def release_call(self, backend: _Backend, call: Any) -> None:
+    def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
         """A call's done callback: release with the call's status."""
         try:
             code = outcome(call.code(), call.details, backend)
@@ -115,12 +120,14 @@ class Core(Foundation[BackendChannel]):
             # Not a grpc call we can ask (a wrapper of someone else's): count
             # the end, judge nothing.
             code = None
-        self.release(backend, code)
+        self.release(backend, code, cost)
 
-    def _wait_for_backend(self, wait_for_ready: bool | None, timeout: float | None) -> _Backend:
+    def _wait_for_backend(
+        self, wait_for_ready: bool | None, timeout: float | None, cost: int
+    ) -> _Backend:
         # Called with the lock held; see no_backend for when to wait.
         balancer = self._balancer
-        backend = balancer.pick_fresh()
+        backend = balancer.pick_fresh(cost)
         if backend is not None:
             return backend
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -134,20 +141,24 @@ class Core(Foundation[BackendChannel]):
             # Woken by events; time alone can also make a backend eligible
             # (an ejection ends), so look again when that is due.
             self._changed.wait(_sooner(remaining, balancer.seconds_until_due()))
-            backend = balancer.pick_fresh()
+            backend = balancer.pick_fresh(cost)
             if backend is not None:
                 return backend
 
     def repick(
-        self, failed: Sequence[_Backend], wait_for_ready: bool | None, deadline: float | None
+        self,
+        failed: Sequence[_Backend],
+        wait_for_ready: bool | None,
+        deadline: float | None,
+        cost: int,
     ) -> _Backend:
         """Another backend for an RPC that never reached ``failed`` (see never_sent)."""
         with self._lock:
-            backend = self._balancer.pick_excluding(failed)
+            backend = self._balancer.pick_excluding(failed, cost)
         if backend is not None:
             return backend
         timeout = None if deadline is None else deadline - time.monotonic()
-        return self.acquire(wait_for_ready, timeout)
+        return self.acquire(wait_for_ready, timeout, cost)
 
     # -- events ---------------------------------------------------------------
 

@@ -1,0 +1,119 @@
+"""Slow start: a backend that joins a running channel takes its share gradually.
+
+Without it, least-connection sends a joining backend every new call until
+its count catches up with its peers' (with long streams: every new stream,
+for as long as that takes), which a backend with cold caches may not bear.
+As in Envoy (and HAProxy's ``slowstart``), its weight ramps up over
+``window`` seconds::
+
+    factor = max(min_weight_percent / 100, time_factor ** (1 / aggression))
+    time_factor = max(seconds since it became eligible, 1) / window
+
+A backend ramps whenever it becomes eligible after the channel started: a
+new address, a reconnection after a failure, the end of an ejection. When
+every eligible backend is ramping (the channel itself is starting), slow
+start does nothing, as in Envoy: there is no warm peer to spare.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from .backend import Backend
+
+# How often ramping weights are brought up to date.
+REFRESH_S: Final = 0.1
+
+
+@dataclass(frozen=True, slots=True)
+class SlowStart:
+    """Envoy's ``slow_start_config``: window, aggression and minimum weight."""
+
+    window: float
+    """Seconds a joining backend's weight takes to reach its full value."""
+    aggression: float = 1.0
+    """The ramp's curve: 1.0 linear, higher is faster at first."""
+    min_weight_percent: float = 10.0
+    """The least share of its weight a ramping backend gets (Envoy's 10 %)."""
+
+    def __post_init__(self) -> None:
+        for name, value, low in (
+            ("window", self.window, 0.0),
+            ("aggression", self.aggression, 0.0),
+            ("min_weight_percent", self.min_weight_percent, 0.0),
+        ):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"SlowStart.{name} must be a number, not {type(value).__name__}")
+            if not math.isfinite(value) or value <= low:
+                raise ValueError(f"SlowStart.{name} must be finite and > {low:g}; got {value!r}")
+        if self.min_weight_percent > 100:
+            raise ValueError(
+                f"SlowStart.min_weight_percent must be at most 100; got {self.min_weight_percent!r}"
+            )
+
+    def factor(self, seconds: float) -> float:
+        """The share of its weight a backend eligible for ``seconds`` gets (1.0 once done)."""
+        if seconds >= self.window:
+            return 1.0
+        time_factor = max(seconds, 1.0) / self.window
+        ramp: float = time_factor ** (1 / self.aggression)
+        return max(self.min_weight_percent / 100, ramp)
+
+
+def check_slow_start(value: object) -> SlowStart | None:
+    """The ``slow_start`` setting: None (off), a window in seconds, or a SlowStart."""
+    if value is None or isinstance(value, SlowStart):
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(
+            "slow_start must be a window in seconds, a grpc_leastconn.SlowStart or None, "
+            f"not {type(value).__name__}"
+        )
+    return SlowStart(window=float(value))
+
+
+class Ramps:
+    """The backends of one channel whose weight is ramping up."""
+
+    __slots__ = ("_clock", "_config", "_set_weight", "ramping", "refresh_at")
+
+    def __init__(
+        self,
+        config: SlowStart,
+        *,
+        clock: Callable[[], float],
+        set_weight: Callable[[Backend[Any], float], None],
+    ) -> None:
+        self._config = config
+        self._clock = clock
+        self._set_weight = set_weight
+        # Ramping backends -> when they became eligible.
+        self.ramping: dict[Backend[Any], float] = {}
+        self.refresh_at = math.inf
+
+    def joined(self, backend: Backend[Any], now: float) -> None:
+        """The backend became eligible: it ramps from here."""
+        self.ramping[backend] = now
+        self.refresh_at = min(self.refresh_at, now + REFRESH_S)
+
+    def left(self, backend: Backend[Any]) -> None:
+        """The backend is no longer eligible: it will ramp again when it returns."""
+        if self.ramping.pop(backend, None) is not None:
+            self._set_weight(backend, backend.static_weight)
+
+    def refresh(self, eligible: Iterable[Backend[Any]], now: float) -> None:
+        """Bring every ramping weight up to date (every REFRESH_S while any ramps)."""
+        config = self._config
+        ramping = self.ramping
+        # Nobody to spare the joiners: every eligible backend is new.
+        established = any(backend not in ramping for backend in eligible)
+        for backend, since in list(ramping.items()):
+            seconds = now - since
+            if seconds >= config.window:
+                del ramping[backend]
+            factor = config.factor(seconds) if established else 1.0
+            self._set_weight(backend, backend.static_weight * factor)
+        self.refresh_at = now + REFRESH_S if ramping else math.inf
