@@ -11,6 +11,7 @@ from . import aio
 from ._core.backend import BackendState, Health
 from ._core.failures import DEFAULT_FAILURE_CODES
 from ._core.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
+from ._core.slowstart import SlowStart
 from ._sync.channel import LeastConnChannel, insecure_channel, secure_channel
 
 __all__ = [
@@ -20,6 +21,7 @@ __all__ = [
     "Health",
     "LeastConnChannel",
     "OutlierDetection",
+    "SlowStart",
     "SuccessRateEjection",
     "aio",
     "insecure_channel",

@@ -182,6 +182,7 @@ def test_public_surface_is_exact() -> None:
         "Health",
         "LeastConnChannel",
         "OutlierDetection",
+        "SlowStart",
         "SuccessRateEjection",
         "aio",
         "insecure_channel",
