@@ -110,7 +110,7 @@ def seams() -> Any:
 
     from grpc_leastconn._aio.channel import open_channel as open_aio_channel
     from grpc_leastconn._aio.finished import FinishedCall
-    from grpc_leastconn._core import balancer, picker, seams, target
+    from grpc_leastconn._core import balancer, picker, seams, target, weights
     from grpc_leastconn._sync.channel import open_channel
 
     class Attach(seams.Observer):
@@ -136,6 +136,7 @@ def seams() -> Any:
         Balancer=balancer.Balancer,
         FinishedCall=FinishedCall,
         TIE_BREAKS=picker.TIE_BREAKS,
+        steps_for=weights.steps_for,
         observed_channel=lambda t, **kw: observed(open_channel, t, **kw),
         observed_aio_channel=lambda t, **kw: observed(open_aio_channel, t, **kw),
         set_inner=set_inner,

@@ -28,6 +28,7 @@ from .failures import CALLER_CODES, DEFAULT_FAILURE_CODES, FailurePenalty, decay
 from .outlier import OutlierDetection, OutlierDetector
 from .picker import LeastConnPicker, Picker, TieBreak
 from .slowstart import Ramps, SlowStart
+from .stepped import SteppedPicker
 from .target import Address
 from .weighted import UNIT, WeightedPicker
 
@@ -70,17 +71,23 @@ class Balancer(Generic[ChannelT]):
         failure_penalty: bool = True,
         outlier_detection: OutlierDetection | None = None,
         weighted: bool = False,
+        fractional_costs: bool = False,
         weight_of: Callable[[Address], float] | None = None,
+        step_of: Callable[[Address], int] | None = None,
         slow_start: SlowStart | None = None,
     ) -> None:
         self.target = target
         # The one cost (weighted.py): the O(1) bucket picker while every
-        # backend weighs the same and every call costs one.
-        self._picker: Picker = (
-            WeightedPicker(tie_break, rng)
-            if weighted or slow_start is not None
-            else LeastConnPicker(tie_break, rng)
-        )
+        # backend weighs the same and every call costs one; the O(1) stepped
+        # picker for weights of small whole ratios; else a heap over backends.
+        self._picker: Picker
+        if fractional_costs or slow_start is not None or (weighted and step_of is None):
+            self._picker = WeightedPicker(tie_break, rng)
+        elif weighted:
+            self._picker = SteppedPicker(tie_break, rng)
+        else:
+            self._picker = LeastConnPicker(tie_break, rng)
+        self._step_of = step_of if isinstance(self._picker, SteppedPicker) else None
         self._weight_of = weight_of
         self._ramps = (
             None
@@ -164,6 +171,8 @@ class Balancer(Generic[ChannelT]):
                 # gets a fresh backend; the old one still closes when idle.
                 weight = 1.0 if self._weight_of is None else self._weight_of(address)
                 backend = Backend(address, self._initial_health, weight)
+                if self._step_of is not None:
+                    backend.step = self._step_of(address)
                 self._backends[address] = backend
                 change.added.append(backend)
                 log.info("backend %s added to %r", backend.key, self.target)

@@ -39,6 +39,7 @@ class Node:
         "extra",
         "in_flight",
         "in_picker",
+        "step",
         "units",
         "weight",
     )
@@ -54,6 +55,8 @@ class Node:
         self.units = 0
         self.weight = 1.0
         self.entry: list[Any] | None = None
+        # For the stepped picker (stepped.py): buckets per call, by weight.
+        self.step = 1
         self._prev: Node = self
         self._next: Node = self
         self._slot = -1
@@ -61,6 +64,10 @@ class Node:
 
 class _Bucket(Protocol):
     size: int
+
+    def first(self) -> Node:
+        """The backend ``take`` would return (a random bucket: any of them)."""
+        ...
 
     def add(self, node: Node) -> None: ...
 
@@ -97,6 +104,9 @@ class _FifoBucket:
         self.size += 1
 
     add_picked = add
+
+    def first(self) -> Node:
+        return self._sentinel._next
 
     def remove(self, node: Node) -> None:
         node._prev._next = node._next
@@ -153,6 +163,9 @@ class _RandomBucket:
         self.size += 1
 
     add_picked = add
+
+    def first(self) -> Node:
+        return self._nodes[0]
 
     def remove(self, node: Node) -> None:
         nodes = self._nodes
@@ -302,6 +315,19 @@ class LeastConnPicker:
     def set_weight(self, node: Node, weight: float) -> None:
         """Record the node's weight; with this picker every weight is equal (see Picker)."""
         node.weight = weight
+
+    @property
+    def lowest(self) -> int:
+        """The lowest load of an eligible node (while some node is eligible)."""
+        return self._lowest
+
+    def front(self) -> tuple[int, Node, int]:
+        """The lowest load, the node the next pick takes, and how many are tied there.
+
+        Only while some node is eligible.
+        """
+        bucket = self._buckets[self._lowest]
+        return self._lowest, bucket.first(), bucket.size
 
     def check_invariants(self, eligible: Sequence[Node] | None = None) -> None:
         """Assert the bucket structure is consistent (for tests).

@@ -49,7 +49,9 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         failure_penalty=settings.failure_penalty,
         outlier_detection=settings.outlier_detection,
         weighted=settings.weighted,
+        fractional_costs=bool(settings.call_costs),
         weight_of=settings.weights.of,
+        step_of=None if settings.weights.steps is None else settings.weights.step_of,
         slow_start=settings.slow_start,
     )
 

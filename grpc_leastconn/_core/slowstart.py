@@ -9,8 +9,9 @@ As in Envoy (and HAProxy's ``slowstart``), its weight ramps up over
     factor = max(min_weight_percent / 100, time_factor ** (1 / aggression))
     time_factor = max(seconds since it became eligible, 1) / window
 
-A backend ramps whenever it becomes eligible after the channel started: a
-new address, a reconnection after a failure, the end of an ejection. When
+The factor moves in steps of 5 %. A backend ramps whenever it becomes
+eligible after the channel started: a new address, a reconnection after a
+failure, the end of an ejection. When
 every eligible backend is ramping (the channel itself is starting), slow
 start does nothing, as in Envoy: there is no warm peer to spare.
 """
@@ -26,6 +27,8 @@ from .backend import Backend
 
 # How often ramping weights are brought up to date.
 REFRESH_S: Final = 0.1
+# A ramping weight moves in steps of 1/STEPS of the backend's weight.
+STEPS: Final = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,14 @@ class SlowStart:
         time_factor = max(seconds, 1.0) / self.window
         ramp: float = time_factor ** (1 / self.aggression)
         return max(self.min_weight_percent / 100, ramp)
+
+
+def _stepped(factor: float) -> float:
+    """The factor rounded up to a step of 5 %: a weight changes 20 times a ramp at most.
+
+    Each change moves the backend in the picker's heap: steps bound them.
+    """
+    return min(1.0, math.ceil(factor * STEPS - 1e-9) / STEPS)
 
 
 def check_slow_start(value: object) -> SlowStart | None:
@@ -114,6 +125,6 @@ class Ramps:
             seconds = now - since
             if seconds >= config.window:
                 del ramping[backend]
-            factor = config.factor(seconds) if established else 1.0
+            factor = _stepped(config.factor(seconds)) if established else 1.0
             self._set_weight(backend, backend.static_weight * factor)
         self.refresh_at = now + REFRESH_S if ramping else math.inf

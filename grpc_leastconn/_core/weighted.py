@@ -26,7 +26,11 @@ Ties: ``tie`` orders entries of equal cost, as the bucket picker's rules do:
   waiting first);
 - youngest: backends just picked first (most recent first), then the
   others in arrival order;
-- random: a uniform random number per entry.
+- random: exponential clocks, one race per cost: an entry's tie is the
+  tie last picked at its cost plus an exponential variate. The entries
+  still waiting at a cost have, by memorylessness, i.i.d. exponential
+  residuals, so each pick is uniform among the tied (a plain random number
+  per entry would favour the newest: the others are what lost before).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
-from .picker import Node, TieBreak
+from .picker import TIE_BREAKS, Node, TieBreak
 
 UNIT: Final = 1000
 # Void entries allowed beyond the live ones before a rebuild.
@@ -48,27 +52,41 @@ class WeightedPicker:
     """Exact weighted least-load choice in O(log n); same interface as LeastConnPicker."""
 
     def __init__(self, tie_break: TieBreak = "round_robin", rng: random.Random | None = None):
+        if tie_break not in TIE_BREAKS:
+            raise ValueError(f"tie_break must be one of {TIE_BREAKS}, not {tie_break!r}")
         self.tie_break = tie_break
         self._heap: list[list[Any]] = []
         self._void = 0
         self.size = 0
         counter = itertools.count()
         self._next = counter.__next__
-        ties: dict[str, tuple[Callable[[], float], Callable[[], float]]] = {
-            "round_robin": (self._next, self._next),
-            "youngest": (lambda: -self._next(), self._next),
-            "random": ((rng or random.Random()).random,) * 2,
+        # Youngest's picked ties count down from zero, every other tie up.
+        below = itertools.count(-1, -1).__next__
+        # Random: cost -> the tie last picked at that cost (see the docstring).
+        self._race: dict[float, float] | None = None
+        self._expovariate = (rng or random.Random()).expovariate
+        ties: dict[str, tuple[Callable[[float], float], Callable[[float], float]]] = {
+            "round_robin": (lambda _: self._next(), lambda _: self._next()),
+            "youngest": (lambda _: below(), lambda _: self._next()),
+            "random": (self._raced, self._raced),
         }
-        # The tie of a backend just picked, and of one that arrived otherwise.
+        if tie_break == "random":
+            self._race = {}
+        # The tie, at its new cost, of a backend just picked, and of one that
+        # arrived otherwise.
         self._picked_tie, self._arrived_tie = ties[tie_break]
+
+    def _raced(self, cost: float) -> float:
+        assert self._race is not None
+        return self._race.get(cost, 0.0) + self._expovariate(1.0)
 
     @staticmethod
     def cost(node: Node) -> float:
         return (node.units + (node.extra + 1) * UNIT) / node.weight
 
-    def _enter(self, node: Node, tie: float) -> list[Any]:
-        entry = [(node.units + (node.extra + 1) * UNIT) / node.weight, tie, node]
-        node.entry = entry
+    def _enter(self, node: Node, tie: Callable[[float], float]) -> list[Any]:
+        cost = (node.units + (node.extra + 1) * UNIT) / node.weight
+        node.entry = entry = [cost, tie(cost), node]
         return entry
 
     def _void_entry(self, node: Node) -> None:
@@ -84,7 +102,7 @@ class WeightedPicker:
             return
         node.in_picker = True
         self.size += 1
-        heapq.heappush(self._heap, self._enter(node, self._arrived_tie()))
+        heapq.heappush(self._heap, self._enter(node, self._arrived_tie))
 
     def remove(self, node: Node) -> None:
         """Make a node ineligible; its load stays on the node."""
@@ -99,14 +117,20 @@ class WeightedPicker:
         """The eligible node with the lowest cost, now carrying one more RPC of ``cost``."""
         heap = self._heap
         while heap:
-            node: Node | None = heap[0][2]
+            top = heap[0]
+            node: Node | None = top[2]
             if node is None:
                 heapq.heappop(heap)
                 self._void -= 1
                 continue
+            if self._race is not None:
+                self._race[top[0]] = top[1]
             node.in_flight += 1
-            node.units += cost
-            heapq.heapreplace(heap, self._enter(node, self._picked_tie()))
+            node.units = units = node.units + cost
+            # _enter, inline: this is every pick.
+            new_cost = (units + (node.extra + 1) * UNIT) / node.weight
+            node.entry = entry = [new_cost, self._picked_tie(new_cost), node]
+            heapq.heapreplace(heap, entry)
             return node
         return None
 
@@ -115,11 +139,17 @@ class WeightedPicker:
         if node.in_flight <= 0:
             raise RuntimeError("released more RPCs than were picked")
         node.in_flight -= 1
-        node.units -= cost
-        if node.in_picker:
-            self._void_entry(node)
-            heapq.heappush(self._heap, self._enter(node, self._arrived_tie()))
-            self._compact()
+        node.units = units = node.units - cost
+        old = node.entry
+        if old is not None:
+            # _void_entry and _enter, inline: this is every release.
+            old[2] = None
+            new_cost = (units + (node.extra + 1) * UNIT) / node.weight
+            node.entry = entry = [new_cost, self._arrived_tie(new_cost), node]
+            heapq.heappush(self._heap, entry)
+            self._void += 1
+            if self._void > self.size + _SLACK:
+                self._compact()
 
     def set_extra(self, node: Node, extra: int) -> None:
         """Give the node ``extra`` load beyond its RPCs in flight (whole calls, >= 0)."""
@@ -136,14 +166,19 @@ class WeightedPicker:
     def _moved(self, node: Node) -> None:
         if node.in_picker:
             self._void_entry(node)
-            heapq.heappush(self._heap, self._enter(node, self._arrived_tie()))
+            heapq.heappush(self._heap, self._enter(node, self._arrived_tie))
             self._compact()
 
     def _compact(self) -> None:
+        """Drop void entries once they outnumber the live ones (amortized O(1))."""
         if self._void > self.size + _SLACK:
             self._heap = [entry for entry in self._heap if entry[2] is not None]
             heapq.heapify(self._heap)
             self._void = 0
+            if self._race is not None:
+                # Races at costs nobody holds any more are over.
+                live = {entry[0] for entry in self._heap}
+                self._race = {cost: tie for cost, tie in self._race.items() if cost in live}
 
     def check_invariants(self, eligible: Sequence[Node] | None = None) -> None:
         """Assert the heap is consistent (for tests)."""

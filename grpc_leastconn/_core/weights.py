@@ -15,8 +15,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Final
 
+from .stepped import MAX_STEP
 from .target import Address, Target, parse_host_port
 from .weighted import UNIT
 
@@ -32,6 +34,9 @@ class Weights:
     # Whether backends weigh differently: with equal weights, the picks are
     # those of no weights at all, and the O(1) bucket picker serves.
     uneven: bool = False
+    # Buckets per call by weight, when the weights' ratios are small whole
+    # numbers (stepped.py); None: the weighted picker's heap serves.
+    steps: Mapping[float, int] | None = None
 
     def of(self, address: Address) -> float:
         """The weight of a resolved address: its name's, or its own, or 1."""
@@ -41,6 +46,11 @@ class Weights:
         else:
             key = (address.host, address.port)
         return self.by_endpoint.get(key, 1.0)
+
+    def step_of(self, address: Address) -> int:
+        """The address's step in the stepped picker (only when ``steps`` is set)."""
+        assert self.steps is not None
+        return self.steps[self.of(address)]
 
 
 def check_weights(weights: object, target: Target) -> Weights:
@@ -65,7 +75,20 @@ def check_weights(weights: object, target: Target) -> Weights:
     values = set(by_endpoint.values())
     if len(by_endpoint) < len(named):
         values.add(1.0)  # the backends not named
-    return Weights(by_endpoint, uneven=len(values) > 1)
+    return Weights(by_endpoint, uneven=len(values) > 1, steps=steps_for(values))
+
+
+def steps_for(weights: set[float]) -> dict[float, int] | None:
+    """Each weight's step: cost * M = (load + 1) * step, all whole (see stepped.py)."""
+    fractions = {}
+    for weight in weights:
+        fraction = Fraction(weight).limit_denominator(1000)
+        if float(fraction) != weight:
+            return None
+        fractions[weight] = fraction
+    common = math.lcm(*(f.numerator for f in fractions.values()))
+    steps = {w: common * f.denominator // f.numerator for w, f in fractions.items()}
+    return steps if max(steps.values()) <= MAX_STEP else None
 
 
 def check_call_costs(costs: object) -> dict[str, int]:
