@@ -105,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--short", type=float, default=0.6, help="short session, seconds")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between opens")
     parser.add_argument(
-        "--tie-break", default="round_robin", choices=["round_robin", "random", "youngest"]
+        "--tie-break", default="youngest", choices=["youngest", "round_robin", "random"]
     )
     args = parser.parse_args(argv)
 

@@ -3,7 +3,8 @@
 Starts 4 local backends, then opens the same mix of video-conference sessions
 (long and short ``Join`` streams, alternating, one every 0.1 s) three times
 on one channel each: grpcio's own ``round_robin``, and ``grpc_leastconn``
-with its two deterministic tie-breaks. While the sessions run it prints the
+with its two deterministic tie-breaks (``youngest``, the default, and
+``round_robin``). While the sessions run it prints the
 live connection table as each backend counts it; at the end it compares the
 spread (busiest minus idlest backend) side by side.
 
@@ -100,8 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
         ("grpc_leastconn", lambda: grpc_leastconn.insecure_channel(target)),
         (
-            "grpc_leastconn youngest",
-            lambda: grpc_leastconn.insecure_channel(target, tie_break="youngest"),
+            "grpc_leastconn round_robin ties",
+            lambda: grpc_leastconn.insecure_channel(target, tie_break="round_robin"),
         ),
     ]
     try:

@@ -23,7 +23,11 @@ from grpc_leastconn._core import (
     rules,
     seams,
     settings,
+    slowstart,
+    stepped,
     target,
+    weighted,
+    weights,
 )
 from grpc_leastconn._sync.channel import open_channel
 from grpc_leastconn._sync.failed import FailedCall
@@ -43,11 +47,14 @@ FailurePercentageEjection = outlier.FailurePercentageEjection
 Health = backend.Health
 LeastConnPicker = picker.LeastConnPicker
 MaintenancePlan = maintenance.MaintenancePlan
+MIN_CALL_COST = weights.MIN_CALL_COST
 Node = picker.Node
 Observer = seams.Observer
 OutlierDetection = outlier.OutlierDetection
 OutlierDetector = outlier.OutlierDetector
+RAMP_REFRESH_S = slowstart.REFRESH_S
 REFRESH_S = failures.REFRESH_S
+Ramps = slowstart.Ramps
 Resolution = resolver.Resolution
 ResolutionError = resolver.ResolutionError
 ResolutionSchedule = backoff.ResolutionSchedule
@@ -55,16 +62,23 @@ Resolver = resolver.Resolver
 Seams = seams.Seams
 Settings = settings.Settings
 Step = maintenance.Step
+SteppedPicker = stepped.SteppedPicker
 SUCCESS_FACTOR = failures.SUCCESS_FACTOR
 MAX_DECAY_S = failures.MAX_DECAY_S
 STREAK_DOUBLING = failures.STREAK_DOUBLING
 SuccessRateEjection = outlier.SuccessRateEjection
 TIE_BREAKS = picker.TIE_BREAKS
+UNIT = weighted.UNIT
 WARN_AT = failures.WARN_AT
 WatchEnd = health.WatchEnd
 WatchPolicy = health.WatchPolicy
+WeightedPicker = weighted.WeightedPicker
+Weights = weights.Weights
 channel_options = backend_options.channel_options
+check_call_costs = weights.check_call_costs
 check_failure_codes = failures.check_failure_codes
+check_slow_start = slowstart.check_slow_start
+check_weights = weights.check_weights
 decayed_penalty = failures.decayed_penalty
 make_balancer = rules.make_balancer
 make_settings = settings.make_settings
@@ -82,10 +96,13 @@ __all__ = [
     "DEFAULT_FAILURE_CODES",
     "FORGET",
     "MAX_DECAY_S",
+    "MIN_CALL_COST",
+    "RAMP_REFRESH_S",
     "REFRESH_S",
     "STREAK_DOUBLING",
     "SUCCESS_FACTOR",
     "TIE_BREAKS",
+    "UNIT",
     "WARN_AT",
     "Address",
     "Backend",
@@ -103,6 +120,7 @@ __all__ = [
     "Observer",
     "OutlierDetection",
     "OutlierDetector",
+    "Ramps",
     "Resolution",
     "ResolutionError",
     "ResolutionSchedule",
@@ -110,11 +128,17 @@ __all__ = [
     "Seams",
     "Settings",
     "Step",
+    "SteppedPicker",
     "SuccessRateEjection",
     "WatchEnd",
     "WatchPolicy",
+    "WeightedPicker",
+    "Weights",
     "channel_options",
+    "check_call_costs",
     "check_failure_codes",
+    "check_slow_start",
+    "check_weights",
     "decayed_penalty",
     "make_balancer",
     "make_settings",
