@@ -41,13 +41,22 @@ class BackendChannel:
         on_health: Callable[[Health], None],
     ) -> None:
         options = list(spec.options)
+        # By keyword: whoever wraps grpcio's factories (OpenTelemetry's
+        # instrumentor adds interceptors=) must find them where they look.
         if spec.credentials is None:
             self.grpc_channel = grpc.aio.insecure_channel(
-                spec.target, options, spec.compression, interceptors
+                spec.target,
+                options=options,
+                compression=spec.compression,
+                interceptors=interceptors,
             )
         else:
             self.grpc_channel = grpc.aio.secure_channel(
-                spec.target, spec.credentials, options, spec.compression, interceptors
+                spec.target,
+                spec.credentials,
+                options=options,
+                compression=spec.compression,
+                interceptors=interceptors,
             )
         self._report_connectivity = on_connectivity
         # The RPCs sent through this channel, for the front end to settle

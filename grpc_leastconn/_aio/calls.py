@@ -20,6 +20,7 @@ import grpc
 from .._core.backend import Backend
 from .._core.balancer import log
 from .._core.rules import Factories, InnerCache, may_repick
+from .._core.rules import Serializer as _Serializer
 from .backend_channel import BackendChannel
 from .core import Core
 from .rpc import Rpc, Stage
@@ -291,9 +292,9 @@ class MultiCallable(InnerCache[_Inner]):
 class _UnaryUnary(MultiCallable, grpc.aio.UnaryUnaryMultiCallable[Any, Any]):
     __slots__ = ()
 
-    def _open(self, channel: _Factories) -> _Inner:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _Inner:
         return channel.unary_unary(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(
@@ -315,9 +316,9 @@ class _UnaryStream(MultiCallable, grpc.aio.UnaryStreamMultiCallable[Any, Any]):
     __slots__ = ()
     unary_response = False
 
-    def _open(self, channel: _Factories) -> _Inner:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _Inner:
         return channel.unary_stream(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(
@@ -338,9 +339,9 @@ class _StreamUnary(MultiCallable, grpc.aio.StreamUnaryMultiCallable[Any, Any]):
     __slots__ = ()
     streams_requests = True
 
-    def _open(self, channel: _Factories) -> _Inner:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _Inner:
         return channel.stream_unary(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(
@@ -365,9 +366,9 @@ class _StreamStream(MultiCallable, grpc.aio.StreamStreamMultiCallable[Any, Any])
     streams_requests = True
     unary_response = False
 
-    def _open(self, channel: _Factories) -> _Inner:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _Inner:
         return channel.stream_stream(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(

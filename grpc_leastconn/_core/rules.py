@@ -20,6 +20,7 @@ from .balancer import Balancer
 from .errors import never_sent, never_sent_details
 from .seams import Seams
 from .settings import Settings
+from .tracing import traced
 
 InnerT = TypeVar("InnerT")
 ValueT = TypeVar("ValueT")
@@ -137,7 +138,8 @@ class Report(Generic[ChannelT, ValueT]):
 
 UnaryInnerT = TypeVar("UnaryInnerT", covariant=True)
 StreamInnerT = TypeVar("StreamInnerT", covariant=True)
-_Serializer = Callable[[Any], bytes] | None
+Serializer = Callable[[Any], bytes] | None
+_Serializer = Serializer
 _Deserializer = Callable[[bytes], Any] | None
 
 
@@ -200,7 +202,7 @@ class InnerCache(Generic[InnerT]):
         # What one call of this method adds to its backend's load (call_costs).
         self.cost: int = core.settings.call_cost(method)
 
-    def _open(self, channel: Any) -> InnerT:
+    def _open(self, channel: Any, serializer: Callable[[Any], bytes] | None) -> InnerT:
         """This method's multicallable on a backend's own grpc channel."""
         raise NotImplementedError
 
@@ -209,7 +211,9 @@ class InnerCache(Generic[InnerT]):
 
     def _build(self, backend: Backend[Any]) -> InnerT:
         assert backend.channel is not None
-        inner = self._open(backend.channel.grpc_channel)
+        inner = self._open(
+            backend.channel.grpc_channel, traced(self._serializer, self._method, backend.address)
+        )
         if len(self._inner) > _INNER_CACHE_PRUNE_AT:
             # Forget backends that are gone, so a changing backend set
             # cannot grow this cache without bound.

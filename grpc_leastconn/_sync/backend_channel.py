@@ -31,11 +31,15 @@ class BackendChannel:
         on_health: Callable[[Health], None],
     ) -> None:
         options = list(spec.options)
+        # By keyword, as the asyncio twin: wrappers of grpcio's factories
+        # (OpenTelemetry's instrumentor) look there.
         if spec.credentials is None:
-            self.grpc_channel = grpc.insecure_channel(spec.target, options, spec.compression)
+            self.grpc_channel = grpc.insecure_channel(
+                spec.target, options=options, compression=spec.compression
+            )
         else:
             self.grpc_channel = grpc.secure_channel(
-                spec.target, spec.credentials, options, spec.compression
+                spec.target, spec.credentials, options=options, compression=spec.compression
             )
         self._report_connectivity = on_connectivity
         self._closing_lock = threading.Lock()

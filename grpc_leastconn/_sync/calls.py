@@ -23,6 +23,7 @@ import grpc
 from .._core.backend import Backend
 from .._core.balancer import log
 from .._core.rules import Factories, InnerCache, Release, error_outcome, may_repick
+from .._core.rules import Serializer as _Serializer
 from .backend_channel import BackendChannel
 from .core import Core
 from .failed import FailedCall
@@ -177,6 +178,77 @@ class _StreamingCall(grpc.Call, grpc.Future):  # type: ignore[type-arg]
         call.add_done_callback(lambda _: fn(wrapper() or call))
 
 
+class _Iterated:
+    """A response stream known only as an iterator, counted until iteration ends.
+
+    Interceptors may return a plain generator for a server-streaming call
+    (OpenTelemetry's does); it has no done callback to release the count and
+    no cancel(). This wrapper releases once, with the status the iteration
+    ended with; cancelling or dropping it closes the iterator and releases.
+    """
+
+    __slots__ = ("__weakref__", "_backend", "_callbacks", "_core", "_cost", "_iterator")
+
+    def __init__(self, iterator: Any, core: Core, backend: _Backend, cost: int) -> None:
+        self._iterator = iterator
+        self._core = core
+        self._backend: _Backend | None = backend
+        self._cost = cost
+        self._callbacks: list[Callable[[Any], None]] = []
+
+    def _end(self, code: grpc.StatusCode | None) -> None:
+        backend, self._backend = self._backend, None
+        if backend is None:
+            return
+        self._core.release(backend, code, self._cost)
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback(self)
+
+    def __iter__(self) -> _Iterated:
+        return self
+
+    def __next__(self) -> Any:
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self._end(_OK)
+            raise
+        except grpc.RpcError as error:
+            backend = self._backend
+            self._end(None if backend is None else error_outcome(error, backend))
+            raise
+        except BaseException:
+            self._end(None)
+            raise
+
+    def cancel(self) -> bool:
+        if self._backend is None:
+            return False
+        close = getattr(self._iterator, "close", None)
+        with contextlib.suppress(Exception):
+            if close is not None:
+                close()
+        self._end(None)
+        return True
+
+    def done(self) -> bool:
+        return self._backend is None
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        if self._backend is None:
+            callback(self)
+        else:
+            self._callbacks.append(callback)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._iterator, name)
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):
+            self.cancel()
+
+
 class _MultiCallable(InnerCache[_InnerT]):
     __slots__ = ()
     _core: Core
@@ -202,7 +274,12 @@ class _MultiCallable(InnerCache[_InnerT]):
         except BaseException:
             core.release(backend, None, cost)
             raise
-        call.add_done_callback(Release(core, backend, cost))
+        add_done_callback = getattr(call, "add_done_callback", None)
+        if add_done_callback is None:
+            # Someone else's wrapper of the backend channel (an interceptor)
+            # handed back a plain iterator: the RPC ends when iteration does.
+            return _Iterated(call, core, backend, cost)
+        add_done_callback(Release(core, backend, cost))
         return call
 
 
@@ -257,9 +334,9 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
 class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore[type-arg]
     __slots__ = ()
 
-    def _open(self, channel: _Factories) -> _InnerUnaryResponse:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _InnerUnaryResponse:
         return channel.unary_unary(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(
@@ -309,9 +386,9 @@ class _UnaryUnary(_UnaryResponse, grpc.UnaryUnaryMultiCallable):  # type: ignore
 class _UnaryStream(_MultiCallable[_InnerStreamResponse], grpc.UnaryStreamMultiCallable):  # type: ignore[type-arg]
     __slots__ = ()
 
-    def _open(self, channel: _Factories) -> _InnerStreamResponse:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _InnerStreamResponse:
         return channel.unary_stream(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(
@@ -336,9 +413,9 @@ class _UnaryStream(_MultiCallable[_InnerStreamResponse], grpc.UnaryStreamMultiCa
 class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: ignore[type-arg]
     __slots__ = ()
 
-    def _open(self, channel: _Factories) -> _InnerUnaryResponse:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _InnerUnaryResponse:
         return channel.stream_unary(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(
@@ -404,9 +481,9 @@ class _StreamUnary(_UnaryResponse, grpc.StreamUnaryMultiCallable):  # type: igno
 class _StreamStream(_MultiCallable[_InnerStreamResponse], grpc.StreamStreamMultiCallable):  # type: ignore[type-arg]
     __slots__ = ()
 
-    def _open(self, channel: _Factories) -> _InnerStreamResponse:
+    def _open(self, channel: _Factories, serializer: _Serializer) -> _InnerStreamResponse:
         return channel.stream_stream(
-            self._method, self._serializer, self._deserializer, _registered_method=self._registered
+            self._method, serializer, self._deserializer, _registered_method=self._registered
         )
 
     def __call__(

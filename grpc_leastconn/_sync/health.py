@@ -81,5 +81,9 @@ class HealthWatcher:
             self._stopped.set()
             self._connection_lost.set()
             call = self._call
-        if call is not None:
-            call.cancel()
+        # A wrapped backend channel (an interceptor's) may hand back a plain
+        # iterator with no cancel(); closing the backend channel, which
+        # follows, ends the Watch all the same.
+        cancel = getattr(call, "cancel", None)
+        if cancel is not None:
+            cancel()
