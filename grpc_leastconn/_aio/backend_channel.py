@@ -39,6 +39,7 @@ class BackendChannel:
         health_backoff: Backoff,
         on_connectivity: Callable[[grpc.ChannelConnectivity], None],
         on_health: Callable[[Health], None],
+        on_error: Callable[[str], None],
     ) -> None:
         options = list(spec.options)
         # By keyword: whoever wraps grpcio's factories (OpenTelemetry's
@@ -71,6 +72,7 @@ class BackendChannel:
                 self.grpc_channel,
                 health_check_service,
                 on_health,
+                on_error=on_error,
                 backoff=health_backoff,
                 name=name,
             )

@@ -108,6 +108,7 @@ class Core(Foundation[BackendChannel]):
             health_backoff=self._health_backoff,
             on_connectivity=Report(self.on_connectivity, backend),
             on_health=Report(self.on_health, backend),
+            on_error=Report(self.on_error, backend),
         )
 
     def _close_channel(self, backend: _Backend) -> None:
@@ -174,18 +175,23 @@ class Core(Foundation[BackendChannel]):
         return self._balancer.pick_excluding(failed, cost)
 
     def release(
-        self, backend: _Backend, code: grpc.StatusCode | None = None, cost: int = UNIT
+        self,
+        backend: _Backend,
+        code: grpc.StatusCode | None = None,
+        cost: int = UNIT,
+        error: str | None = None,
     ) -> None:
         """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
-        if self._balancer.release(backend, code, cost):
+        if self._balancer.release(backend, code, cost, error):
             self._close_channel(backend)
 
     def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
         """A call's done callback: release with the call's status."""
         code = settled(call.code)
+        error = None
         if code is not None:
-            code = outcome(code, lambda: settled(call.details), backend)
-        self.release(backend, code, cost)
+            code, error = outcome(code, lambda: settled(call.details), backend)
+        self.release(backend, code, cost, error)
 
     # -- events ---------------------------------------------------------------
 

@@ -29,12 +29,14 @@ class HealthWatcher:
         service: str,
         on_health: Callable[[Health], None],
         *,
+        on_error: Callable[[str], None],
         backoff: Backoff,
         name: str,
     ) -> None:
         self._watch = health_pb2_grpc.HealthStub(channel).Watch
         self._policy = WatchPolicy(service, backoff)
         self._on_health = on_health
+        self._on_error = on_error
         self._stopped = asyncio.Event()
         # Set when the backend channel leaves READY: the connection the last
         # Watch ran on is gone.
@@ -55,6 +57,9 @@ class HealthWatcher:
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code is not grpc.StatusCode.UNIMPLEMENTED and not self._stopped.is_set():
+                    # The connection's own words (Socket closed, ...), for the logs.
+                    self._on_error(f"{code.name}: {exc.details()}")
             except asyncio.CancelledError:
                 # grpc.aio raises this for a call cancelled locally: by
                 # stop(), or by the channel closing (which stop() precedes).

@@ -92,12 +92,16 @@ class Backend(Node, Generic[ChannelT]):
         "failure_streak",
         "health",
         "key",
+        "last_error",
         "penalty",
         "penalty_at",
+        "released",
         "removed",
         "static_weight",
+        "unreachable_since",
         "warned_failing",
         "warned_unimplemented",
+        "was_ready",
     )
 
     def __init__(self, address: Address, health: Health, weight: float = 1.0) -> None:
@@ -109,11 +113,19 @@ class Backend(Node, Generic[ChannelT]):
         self.connectivity = _Connectivity.IDLE
         self.health = health
         self.removed = False
+        # RPCs released so far: with in_flight, every RPC ever sent here.
+        self.released = 0
         self.drain_deadline: float | None = None
         # The backend's own grpc channel, opened by the front end.
         self.channel: ChannelT | None = None
         # Each new connection is watched anew; say it has no health service once.
         self.warned_unimplemented = False
+        # For operators' logs: the last error seen on it (a failed call, a
+        # broken Watch), whether it has been READY, and since when a backend
+        # that was READY is unreachable (None: it is not).
+        self.last_error: str | None = None
+        self.was_ready = False
+        self.unreachable_since: float | None = None
         # The failure penalty (see failures.py), as of penalty_at.
         self.penalty = 0.0
         self.penalty_at = 0.0

@@ -24,10 +24,12 @@ from typing import TYPE_CHECKING, Generic
 import grpc
 
 from .backend import Backend, BackendState, ChannelT, Health
-from .failures import CALLER_CODES, DEFAULT_FAILURE_CODES, FailurePenalty, decayed_penalty
-from .outlier import OutlierDetection, OutlierDetector
+from .failures import DEFAULT_FAILURE_CODES, decayed_penalty
+from .metrics import Counts
+from .outlier import OutlierDetection
 from .picker import LeastConnPicker, Picker, TieBreak
-from .slowstart import Ramps, SlowStart
+from .signals import Signals
+from .slowstart import SlowStart
 from .stepped import SteppedPicker
 from .target import Address
 from .weighted import UNIT, WeightedPicker
@@ -89,38 +91,21 @@ class Balancer(Generic[ChannelT]):
             self._picker = LeastConnPicker(tie_break, rng)
         self._step_of = step_of if isinstance(self._picker, SteppedPicker) else None
         self._weight_of = weight_of
-        self._ramps = (
-            None
-            if slow_start is None
-            else Ramps(slow_start, clock=clock, set_weight=self._picker.set_weight)
-        )
         self._observer = observer
         self.clock = clock
-        # Failure signals (failures.py, outlier.py), judged as calls end.
-        self._penalty = (
-            FailurePenalty(
-                failure_codes, target=target, clock=clock, set_extra=self._picker.set_extra
-            )
-            if failure_penalty and failure_codes
-            else None
+        # Events, counted for metrics (metrics.py reads them when collected).
+        self.counts = Counts()
+        self._signals = Signals(
+            target,
+            picker=self._picker,
+            clock=clock,
+            rng=rng,
+            counts=self.counts,
+            failure_codes=failure_codes,
+            failure_penalty=failure_penalty,
+            outlier_detection=outlier_detection,
+            slow_start=slow_start,
         )
-        self._failure_codes = frozenset(failure_codes)
-        self._detector = (
-            OutlierDetector(
-                outlier_detection,
-                target=target,
-                rng=rng if rng is not None else random.Random(),
-                now=clock(),
-            )
-            if outlier_detection is not None
-            and (
-                outlier_detection.success_rate_ejection is not None
-                or outlier_detection.failure_percentage_ejection is not None
-            )
-            else None
-        )
-        # When refresh() has work next: a penalty to decay, a sweep to run.
-        self._due = math.inf if self._detector is None else self._detector.next_sweep
         # The hot path calls the observer only for the hooks it overrides.
         self._on_release = (
             observer.on_release if observer is not None and observer.watches("on_release") else None
@@ -150,8 +135,7 @@ class Balancer(Generic[ChannelT]):
             backend = self._backends.pop(address)
             backend.removed = True
             self._picker.remove(backend)
-            if self._penalty is not None:
-                self._penalty.forget(backend)
+            self._signals.forget(backend)
             if backend.in_flight:
                 if self._drain_timeout is not None:
                     backend.drain_deadline = self.clock() + self._drain_timeout
@@ -185,12 +169,57 @@ class Balancer(Generic[ChannelT]):
         """
         if backend.connectivity is state or backend.removed:
             return False
-        backend.connectivity = state
+        before, backend.connectivity = backend.connectivity, state
         log.debug("backend %s of %r is %s", backend.key, self.target, state.name)
+        self._count_connection(before, state)
+        self._log_reachability(backend, state)
         if self._observer is not None:
             self._observer.on_connectivity(backend, state)
         self._place(backend)
         return True
+
+    def _log_reachability(
+        self, backend: Backend[ChannelT], state: grpc.ChannelConnectivity
+    ) -> None:
+        """For operators: once when a backend that was READY becomes unreachable, once back."""
+        if state is _Connectivity.READY:
+            backend.was_ready = True
+            if backend.unreachable_since is not None:
+                log.info(
+                    "backend %s of %r is reachable again after %.1f s",
+                    backend.key,
+                    self.target,
+                    self.clock() - backend.unreachable_since,
+                )
+                backend.unreachable_since = None
+        elif (
+            state is _Connectivity.TRANSIENT_FAILURE
+            and backend.was_ready
+            and backend.unreachable_since is None
+        ):
+            backend.unreachable_since = self.clock()
+            log.warning(
+                "backend %s of %r is unreachable (last error: %s)",
+                backend.key,
+                self.target,
+                backend.last_error or "none seen",
+            )
+
+    def note_error(self, backend: Backend[ChannelT], error: str) -> None:
+        """An error seen on the backend (a failed call, a broken Watch), for the logs."""
+        backend.last_error = error
+
+    def _count_connection(
+        self, before: grpc.ChannelConnectivity, state: grpc.ChannelConnectivity
+    ) -> None:
+        """gRFC A94's connection attempts and disconnections, from two states in a row."""
+        counts = self.counts
+        if state is _Connectivity.READY:
+            counts.connection_attempts_succeeded += 1
+        elif before is _Connectivity.READY:
+            counts.disconnections += 1
+        elif state is _Connectivity.TRANSIENT_FAILURE:
+            counts.connection_attempts_failed += 1
 
     def set_health(self, backend: Backend[ChannelT], health: Health) -> bool:
         """Record a health report; True when it changed anything (as set_connectivity)."""
@@ -198,6 +227,7 @@ class Balancer(Generic[ChannelT]):
             return False
         before = backend.health
         backend.health = health
+        self.counts.health_changes += 1
         if self._observer is not None:
             self._observer.on_health(backend, health)
         if health is Health.UNIMPLEMENTED:
@@ -220,16 +250,10 @@ class Balancer(Generic[ChannelT]):
         if backend.eligible:
             if not backend.in_picker:
                 self._picker.add(backend)
-                if self._ramps is not None:
-                    # It joins: slow start ramps its weight from here.
-                    now = self.clock()
-                    self._ramps.joined(backend, now)
-                    self._ramps.refresh(self._eligible(), now)
-                    self._due = min(self._due, self._ramps.refresh_at)
+                self._signals.joined(backend, self._eligible(), self.clock())
         elif backend.in_picker:
             self._picker.remove(backend)
-            if self._ramps is not None:
-                self._ramps.left(backend)
+            self._signals.left(backend)
 
     def _eligible(self) -> Iterator[Backend[ChannelT]]:
         return (backend for backend in self._backends.values() if backend.in_picker)
@@ -246,7 +270,8 @@ class Balancer(Generic[ChannelT]):
     def pick_excluding(
         self, excluded: Iterable[Backend[ChannelT]], cost: int = UNIT
     ) -> Backend[ChannelT] | None:
-        """A pick that skips backends an RPC already failed to reach."""
+        """A pick that skips backends an RPC already failed to reach (a re-pick)."""
+        self.counts.repicks += 1
         skipped = [backend for backend in excluded if backend.in_picker]
         for backend in skipped:
             self._picker.remove(backend)
@@ -257,28 +282,36 @@ class Balancer(Generic[ChannelT]):
                 self._picker.add(backend)
 
     def release(
-        self, backend: Backend[ChannelT], code: grpc.StatusCode | None = None, cost: int = UNIT
+        self,
+        backend: Backend[ChannelT],
+        code: grpc.StatusCode | None = None,
+        cost: int = UNIT,
+        error: str | None = None,
     ) -> bool:
         """gRFC A48: count an RPC as ended, whatever its status.
 
         ``code`` is how it ended, for the failure signals; None when it says
         nothing about the backend (the RPC never left this process); ``cost``
-        what it was picked with. True when the backend was draining and this
+        what it was picked with; ``error`` the failure's text, kept for the
+        logs when it is the backend's. True when the backend was draining and this
         was its last RPC: the front end closes its backend channel now.
         """
         if self._on_release is not None:
             self._on_release(backend)
         self._picker.release(backend, cost)
+        backend.released += 1
+        signals = self._signals
         if code is not None and not backend.removed:
             if code is _OK:
                 # The hot path: a success, usually of a backend with no penalty.
                 if backend.penalty:
-                    self._penalty.succeeded(backend)  # type: ignore[union-attr]
-                    self._due = min(self._due, self._penalty.refresh_at)  # type: ignore[union-attr]
+                    signals.succeeded(backend)
                 backend.calls_succeeded += 1
             else:
-                self._judge(backend, code)
-        if self._due != math.inf and (now := self.clock()) >= self._due:
+                signals.judge(backend, code)
+        if error is not None and (code is None or code in signals.failure_codes):
+            backend.last_error = error
+        if signals.due != math.inf and (now := self.clock()) >= signals.due:
             self.refresh(now)
         if backend.removed and backend.in_flight == 0 and backend in self._draining:
             del self._draining[backend]
@@ -286,45 +319,20 @@ class Balancer(Generic[ChannelT]):
             return True
         return False
 
-    def _judge(self, backend: Backend[ChannelT], code: grpc.StatusCode) -> None:
-        """What a call that ended with ``code`` says about its backend (failures.py)."""
-        if code in CALLER_CODES:
-            return
-        if code in self._failure_codes:
-            backend.calls_failed += 1
-            if self._penalty is not None:
-                self._penalty.failed(backend, code)
-                self._due = min(self._due, self._penalty.refresh_at)
-        else:
-            # An application's answer (NOT_FOUND, ...): the backend did its job.
-            backend.calls_succeeded += 1
-            if backend.penalty and self._penalty is not None:
-                self._penalty.succeeded(backend)
-
     def refresh(self, now: float) -> None:
         """Bring time-driven signals up to date: penalties, A50 sweeps, slow-start ramps."""
-        penalty, detector, ramps = self._penalty, self._detector, self._ramps
-        if penalty is not None and now >= penalty.refresh_at:
-            penalty.refresh(now)
-        if detector is not None and now >= detector.next_sweep:
-            for backend in detector.sweep(list(self._backends.values()), now):
-                self._place(backend)
-        if ramps is not None and now >= ramps.refresh_at:
-            ramps.refresh(self._eligible(), now)
-        self._due = min(
-            math.inf if penalty is None else penalty.refresh_at,
-            math.inf if detector is None else detector.next_sweep,
-            math.inf if ramps is None else ramps.refresh_at,
-        )
+        for backend in self._signals.refresh(now, list(self._backends.values()), self._eligible()):
+            self._place(backend)
 
     def seconds_until_due(self) -> float | None:
         """When a wait for a backend should look again: a penalty decays, a sweep is due.
 
         None when nothing changes with time alone.
         """
-        if self._due == math.inf:
+        due: float = self._signals.due
+        if due == math.inf:
             return None
-        return max(0.0, self._due - self.clock())
+        return max(0.0, due - self.clock())
 
     def pick_fresh(self, cost: int = UNIT) -> Backend[ChannelT] | None:
         """A pick after refresh(): for when ``pick`` found nobody (penalties may have decayed)."""
@@ -367,12 +375,18 @@ class Balancer(Generic[ChannelT]):
                 return backend
         raise KeyError(address)
 
+    def snapshot(self) -> tuple[Backend[ChannelT], ...]:
+        """Every backend, current then draining, copied in one step.
+
+        Safe to call from another thread (metrics.py): the copy is made in
+        one bytecode, so no event can change the dicts halfway through it.
+        """
+        return (*self._backends.values(), *self._draining)
+
     def states(self) -> tuple[BackendState, ...]:
         """Every backend, the current set's first, then those draining."""
         now = self.clock()
-        return tuple(
-            b.state(decayed_penalty(b, now)) for b in (*self._backends.values(), *self._draining)
-        )
+        return tuple(b.state(decayed_penalty(b, now)) for b in self.snapshot())
 
     def check_invariants(self) -> None:
         """Assert that every count and the picker agree (for tests)."""

@@ -20,6 +20,7 @@ from .backend_options import BackendChannelSpec, backend_channel_spec
 from .backoff import Backoff
 from .balancer import Balancer
 from .maintenance import MaintenancePlan, resolve_initial
+from .metrics import observe
 from .resolver import Resolver
 from .rules import make_balancer
 from .seams import ResolverLike, Seams
@@ -43,7 +44,8 @@ class Foundation(Generic[ChannelT]):
         self._health_backoff = Backoff(rng=settings.rng)
         self.resolver: ResolverLike = seams.resolver or Resolver(settings.target)
         first = resolve_initial(self.resolver)
-        self.plan = MaintenancePlan.for_target(settings, first, seams.clock)
+        self.plan = MaintenancePlan.for_target(settings, first, seams.clock, self._balancer.counts)
+        observe(self._balancer, settings.meter_provider)
         # Applied by the front end once its own machinery stands.
         self.first_addresses: tuple[Address, ...] = first.addresses
 
@@ -52,6 +54,11 @@ class Foundation(Generic[ChannelT]):
         return backend_channel_spec(
             backend.address, settings.options, settings.credentials, settings.compression
         )
+
+    def on_error(self, backend: Backend[ChannelT], error: str) -> None:
+        """An error a backend channel saw (its Watch broke), for the operators' logs."""
+        with self._guard:
+            self._balancer.note_error(backend, error)
 
     def connection_table(self) -> dict[str, int]:
         with self._guard:

@@ -17,6 +17,7 @@ import grpc
 from .backend import Backend, ChannelT
 from .backoff import ResolutionSchedule
 from .balancer import Balancer, log
+from .metrics import Counts
 from .resolver import Resolution, ResolutionError
 from .seams import ResolverLike
 from .settings import Settings
@@ -57,15 +58,18 @@ def resolve_again(resolver: ResolverLike, target: str) -> Resolution | None:
 class MaintenancePlan:
     """Re-resolution and drain deadlines of one channel, for its timer to follow."""
 
-    def __init__(self, schedule: ResolutionSchedule | None) -> None:
+    def __init__(self, schedule: ResolutionSchedule | None, counts: Counts | None = None) -> None:
         # None: the target names IP literals only, and is never resolved again.
         self._schedule = schedule
+        self._counts = Counts() if counts is None else counts
         self.resolving = False
 
     @classmethod
-    def for_target(cls, settings: Settings, first: Resolution, clock: Any) -> MaintenancePlan:
+    def for_target(
+        cls, settings: Settings, first: Resolution, clock: Any, counts: Counts | None = None
+    ) -> MaintenancePlan:
         if not settings.target.needs_dns:
-            return cls(None)
+            return cls(None, counts)
         schedule = ResolutionSchedule(
             settings.resolve_min_interval,
             settings.resolve_max_interval,
@@ -73,7 +77,7 @@ class MaintenancePlan:
             rng=settings.rng,
         )
         schedule.resolved(first.ttl)
-        return cls(schedule)
+        return cls(schedule, counts)
 
     @property
     def needed(self) -> bool:
@@ -108,6 +112,10 @@ class MaintenancePlan:
     def finished(self, resolution: Resolution | None) -> None:
         """The resolution that ``step`` started has ended (None: it failed)."""
         self.resolving = False
+        if resolution is None:
+            self._counts.resolution_failures += 1
+        else:
+            self._counts.resolutions += 1
         if self._schedule is None:
             return
         if resolution is None:

@@ -67,6 +67,7 @@ def no_backend(
     their deadline.
     """
     if not wait_for_ready and not balancer.starting:
+        balancer.counts.fail_fast += 1
         return grpc.StatusCode.UNAVAILABLE, balancer.unavailable_details()
     if remaining is not None and remaining <= 0:
         return (
@@ -101,18 +102,27 @@ class Release:
             self._core.release_call(backend, call, self._cost)
 
 
+Outcome = tuple[grpc.StatusCode | None, str | None]
+_OK_OUTCOME: Outcome = (grpc.StatusCode.OK, None)
+
+
 def outcome(
     code: grpc.StatusCode, details: Callable[[], str | None], backend: Backend[Any]
-) -> grpc.StatusCode | None:
-    """The code to judge the backend by, or None when the RPC never reached it.
+) -> Outcome:
+    """The code to judge the backend by, and the error's text (None for OK).
 
-    A call that never left this process (see never_sent) says nothing about
-    the backend itself: its connection's state tells that. ``details`` is
-    asked only for UNAVAILABLE.
+    The code is None when the RPC never reached the backend: a call that
+    never left this process (see never_sent) says nothing about the backend
+    itself, only about its connection, whose state tells that. ``details``
+    is asked only when the call failed.
     """
-    if code is grpc.StatusCode.UNAVAILABLE and never_sent_details(details() or "", backend.address):
-        return None
-    return code
+    if code is grpc.StatusCode.OK:
+        return _OK_OUTCOME
+    detail = details() or ""
+    text = f"{code.name}: {detail}"
+    if code is grpc.StatusCode.UNAVAILABLE and never_sent_details(detail, backend.address):
+        return None, text
+    return code, text
 
 
 class Report(Generic[ChannelT, ValueT]):
@@ -223,10 +233,10 @@ class InnerCache(Generic[InnerT]):
         return inner
 
 
-def error_outcome(error: BaseException, backend: Backend[Any]) -> grpc.StatusCode | None:
+def error_outcome(error: BaseException, backend: Backend[Any]) -> Outcome:
     """``outcome`` of an RPC that raised ``error`` (UNKNOWN if it carries no status)."""
     code = getattr(error, "code", None)
     details = getattr(error, "details", None)
     if not callable(code) or not callable(details):
-        return grpc.StatusCode.UNKNOWN
+        return grpc.StatusCode.UNKNOWN, f"UNKNOWN: {error!r}"
     return outcome(code(), details, backend)

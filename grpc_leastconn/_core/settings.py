@@ -12,12 +12,13 @@ import math
 import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypedDict
+from typing import Any, TypedDict
 
 import grpc
 
 from .backend_options import Option, with_reconnecting_policy
 from .failures import DEFAULT_FAILURE_CODES, check_failure_codes
+from .metrics import check_meter_provider
 from .outlier import OutlierDetection
 from .picker import TIE_BREAKS, TieBreak
 from .slowstart import SlowStart, check_slow_start
@@ -65,6 +66,8 @@ class Tuning(TypedDict, total=False):
     """Ramp up a backend that joins a running channel over this many seconds."""
     call_costs: Mapping[str, float] | None
     """What one call of a method ("/pkg.Service/Method") adds to the load (default 1)."""
+    meter_provider: Any
+    """OpenTelemetry MeterProvider for metrics; None: the global one; False: none."""
 
 
 _TUNING_KEYWORDS = frozenset(Tuning.__annotations__)
@@ -89,6 +92,7 @@ class Settings:
     slow_start: SlowStart | None
     # Milli-calls per call, by full method name (absent: UNIT).
     call_costs: Mapping[str, int]
+    meter_provider: object
 
     @property
     def weighted(self) -> bool:
@@ -179,6 +183,7 @@ def make_settings(
         weights=check_weights(tuning.get("weights"), parsed),
         slow_start=check_slow_start(tuning.get("slow_start")),
         call_costs=check_call_costs(tuning.get("call_costs")),
+        meter_provider=check_meter_provider(tuning.get("meter_provider")),
     )
 
 

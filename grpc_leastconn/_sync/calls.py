@@ -196,11 +196,11 @@ class _Iterated:
         self._cost = cost
         self._callbacks: list[Callable[[Any], None]] = []
 
-    def _end(self, code: grpc.StatusCode | None) -> None:
+    def _end(self, code: grpc.StatusCode | None, error: str | None = None) -> None:
         backend, self._backend = self._backend, None
         if backend is None:
             return
-        self._core.release(backend, code, self._cost)
+        self._core.release(backend, code, self._cost, error)
         callbacks, self._callbacks = self._callbacks, []
         for callback in callbacks:
             callback(self)
@@ -216,7 +216,8 @@ class _Iterated:
             raise
         except grpc.RpcError as error:
             backend = self._backend
-            self._end(None if backend is None else error_outcome(error, backend))
+            if backend is not None:
+                self._end(*error_outcome(error, backend))
             raise
         except BaseException:
             self._end(None)
@@ -312,6 +313,7 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
             # How the attempt ended, for the failure signals; None: it never
             # reached the backend, so it says nothing about it.
             code: grpc.StatusCode | None = None
+            text: str | None = None
             try:
                 # wait_for_ready is ours to honour, at the pick: passed down, it
                 # would pin the RPC to this one backend until it came back.
@@ -322,10 +324,11 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
                 return response
             except grpc.RpcError as error:
                 if not (repick and may_repick(error, len(failed), backend)):
-                    code = error_outcome(error, backend)
+                    code, text = error_outcome(error, backend)
                     raise
+                text = error_outcome(error, backend)[1]
             finally:
-                core.release(backend, code, cost)
+                core.release(backend, code, cost, text)
             failed.append(backend)
             log.debug("RPC never reached %s; re-picking", backend.key)
             backend = core.repick(failed, wait_for_ready, deadline, cost)

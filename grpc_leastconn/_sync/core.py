@@ -73,6 +73,7 @@ class Core(Foundation[BackendChannel]):
             health_backoff=self._health_backoff,
             on_connectivity=Report(self.on_connectivity, backend),
             on_health=Report(self.on_health, backend),
+            on_error=Report(self.on_error, backend),
         )
 
     @staticmethod
@@ -102,11 +103,15 @@ class Core(Foundation[BackendChannel]):
         return backend
 
     def release(
-        self, backend: _Backend, code: grpc.StatusCode | None = None, cost: int = UNIT
+        self,
+        backend: _Backend,
+        code: grpc.StatusCode | None = None,
+        cost: int = UNIT,
+        error: str | None = None,
     ) -> None:
         """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
         with self._lock:
-            drained = self._balancer.release(backend, code, cost)
+            drained = self._balancer.release(backend, code, cost, error)
         if drained and backend.channel is not None:
             # This may run in the backend channel's own callback thread,
             # which closing the channel would wait for: close it on another.
@@ -115,12 +120,12 @@ class Core(Foundation[BackendChannel]):
     def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
         """A call's done callback: release with the call's status."""
         try:
-            code = outcome(call.code(), call.details, backend)
+            code, error = outcome(call.code(), call.details, backend)
         except Exception:
             # Not a grpc call we can ask (a wrapper of someone else's): count
             # the end, judge nothing.
-            code = None
-        self.release(backend, code, cost)
+            code, error = None, None
+        self.release(backend, code, cost, error)
 
     def _wait_for_backend(
         self, wait_for_ready: bool | None, timeout: float | None, cost: int

@@ -29,12 +29,14 @@ class HealthWatcher:
         service: str,
         on_health: Callable[[Health], None],
         *,
+        on_error: Callable[[str], None],
         backoff: Backoff,
         name: str,
     ) -> None:
         self._watch = health_pb2_grpc.HealthStub(channel).Watch
         self._policy = WatchPolicy(service, backoff)
         self._on_health = on_health
+        self._on_error = on_error
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._call: Any = None
@@ -60,6 +62,9 @@ class HealthWatcher:
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
+                if code is not grpc.StatusCode.UNIMPLEMENTED and not self._stopped.is_set():
+                    # The connection's own words (Socket closed, ...), for the logs.
+                    self._on_error(f"{code.name}: {exc.details()}")
             if self._stopped.is_set():
                 return
             end = policy.ended(code)

@@ -1,0 +1,269 @@
+"""OpenTelemetry metrics: what every channel's balancer counts, read when collected.
+
+Through the OpenTelemetry API only (the ``otel`` extra); the application's
+SDK decides where they go. With a global MeterProvider set, metrics flow
+with no code change (``meter_provider=`` picks another, ``False`` turns them
+off). Every instrument is observable: the balancer keeps plain counters it
+needs anyway (``Counts``, each backend's count of released calls) and the
+SDK's reader asks for them at collection time, so a call costs nothing
+more with metrics than without, SDK or not.
+
+Names follow the gRPC ecosystem where it has them (gRFC A94's
+``grpc.subchannel.*``: a backend channel is this library's subchannel) and
+``grpc_leastconn.*`` for the rest. Every series carries ``grpc.target``;
+the per-backend ones also ``grpc_leastconn.backend`` (``host:port``). To
+limit cardinality with many backends, drop that attribute with an SDK View,
+e.g. ``View(instrument_name="grpc_leastconn.backend.*",
+attribute_keys={"grpc.target"})``, which sums over backends.
+
+The callbacks run on the reader's thread: they read a snapshot taken in
+one C-level step (``Balancer.snapshot``), never the balancer's live dicts.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .failures import decayed_penalty
+
+if TYPE_CHECKING:
+    from .balancer import Balancer
+
+try:
+    from opentelemetry import metrics as otel_metrics
+except ImportError:  # pragma: no cover - the extra is not installed
+    otel_metrics = None  # type: ignore[assignment]
+
+TARGET = "grpc.target"
+BACKEND = "grpc_leastconn.backend"
+
+
+@dataclass(slots=True)
+class Counts:
+    """Events of one channel, counted as they happen (cumulative)."""
+
+    connection_attempts_succeeded: int = 0
+    connection_attempts_failed: int = 0
+    disconnections: int = 0
+    health_changes: int = 0
+    ejections: int = 0
+    resolutions: int = 0
+    resolution_failures: int = 0
+    repicks: int = 0
+    fail_fast: int = 0
+
+
+# (kind, name, unit, description, what to observe): per channel (``channel``)
+# or per backend (``backend``).
+_Reading = Callable[["Balancer[Any]"], Iterable[tuple[float, dict[str, Any]]]]
+
+
+def _per_channel(value: Callable[[Balancer[Any]], float]) -> _Reading:
+    return lambda balancer: [(value(balancer), {TARGET: balancer.target})]
+
+
+def _per_backend(value: Callable[[Any, float], float]) -> _Reading:
+    """``value(backend, now)`` for every backend of the channel."""
+
+    def read(balancer: Balancer[Any]) -> Iterator[tuple[float, dict[str, Any]]]:
+        now = balancer.clock()
+        for backend in balancer.snapshot():
+            yield value(backend, now), {TARGET: balancer.target, BACKEND: backend.key}
+
+    return read
+
+
+def _count(field: str) -> _Reading:
+    return _per_channel(lambda balancer: getattr(balancer.counts, field))
+
+
+_INSTRUMENTS: tuple[tuple[str, str, str, str, _Reading], ...] = (
+    (
+        "counter",
+        "grpc.subchannel.connection_attempts_succeeded",
+        "{attempt}",
+        "Backend channel connections that became READY (gRFC A94).",
+        _count("connection_attempts_succeeded"),
+    ),
+    (
+        "counter",
+        "grpc.subchannel.connection_attempts_failed",
+        "{attempt}",
+        "Backend channel connection attempts that failed (gRFC A94).",
+        _count("connection_attempts_failed"),
+    ),
+    (
+        "counter",
+        "grpc.subchannel.disconnections",
+        "{disconnection}",
+        "READY backend channels that lost their connection (gRFC A94).",
+        _count("disconnections"),
+    ),
+    (
+        "updown",
+        "grpc.subchannel.open_connections",
+        "{connection}",
+        "Backend channels that are READY now (gRFC A94).",
+        _per_channel(lambda b: sum(1 for x in b.snapshot() if x.connectivity.name == "READY")),
+    ),
+    (
+        "gauge",
+        "grpc_leastconn.backend.in_flight",
+        "{call}",
+        "RPCs in flight on each backend.",
+        _per_backend(lambda backend, _: backend.in_flight),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.backend.picks",
+        "{call}",
+        "RPCs sent to each backend.",
+        _per_backend(lambda backend, _: backend.released + backend.in_flight),
+    ),
+    (
+        "gauge",
+        "grpc_leastconn.backend.penalty",
+        "{call}",
+        "Each backend's failure penalty, in calls counted as if in flight.",
+        _per_backend(decayed_penalty),
+    ),
+    (
+        "gauge",
+        "grpc_leastconn.backend.weight",
+        "1",
+        "Each backend's weight now (static weight times slow-start factor).",
+        _per_backend(lambda backend, _: backend.weight),
+    ),
+    (
+        "gauge",
+        "grpc_leastconn.backends.eligible",
+        "{backend}",
+        "Backends that take new calls now.",
+        _per_channel(lambda b: sum(1 for backend in b.snapshot() if backend.eligible)),
+    ),
+    (
+        "gauge",
+        "grpc_leastconn.backends.ejected",
+        "{backend}",
+        "Backends outlier detection holds out now.",
+        _per_channel(lambda b: sum(1 for x in b.snapshot() if x.ejected_at is not None)),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.ejections",
+        "{ejection}",
+        "Backends ejected by outlier detection (gRFC A50).",
+        _count("ejections"),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.health_changes",
+        "{change}",
+        "Health reports that changed a backend's health.",
+        _count("health_changes"),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.resolutions",
+        "{resolution}",
+        "Re-resolutions of the target that answered.",
+        _count("resolutions"),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.resolution_failures",
+        "{resolution}",
+        "Re-resolutions of the target that failed (the last good set stays).",
+        _count("resolution_failures"),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.repicks",
+        "{call}",
+        "Calls sent again elsewhere because they never left the process.",
+        _count("repicks"),
+    ),
+    (
+        "counter",
+        "grpc_leastconn.fail_fast",
+        "{call}",
+        "Calls failed at once with UNAVAILABLE: no backend could serve.",
+        _count("fail_fast"),
+    ),
+)
+
+
+class _Registry:
+    """One meter's instruments, observing every live channel that uses it."""
+
+    def __init__(self, meter: Any) -> None:
+        self._balancers: weakref.WeakSet[Balancer[Any]] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        makers = {
+            "counter": meter.create_observable_counter,
+            "updown": meter.create_observable_up_down_counter,
+            "gauge": meter.create_observable_gauge,
+        }
+        for kind, name, unit, description, reading in _INSTRUMENTS:
+            makers[kind](
+                name, callbacks=[self._callback(reading)], unit=unit, description=description
+            )
+
+    def add(self, balancer: Balancer[Any]) -> None:
+        with self._lock:
+            self._balancers.add(balancer)
+
+    def _callback(self, reading: _Reading) -> Callable[[Any], Iterable[Any]]:
+        def observe(_options: Any) -> Iterator[Any]:
+            with self._lock:
+                balancers = list(self._balancers)
+            for balancer in balancers:
+                if balancer.closed:
+                    continue
+                for value, attributes in reading(balancer):
+                    yield otel_metrics.Observation(value, attributes)
+
+        return observe
+
+
+# Registries by meter provider (by identity): instruments are made once per
+# provider, whatever the number of channels.
+_registries: dict[int, tuple[Any, _Registry]] = {}
+_registries_lock = threading.Lock()
+
+
+def observe(balancer: Balancer[Any], meter_provider: object) -> None:
+    """Report ``balancer``'s metrics through ``meter_provider`` (None: the global one)."""
+    if otel_metrics is None or meter_provider is False:
+        return
+    provider = otel_metrics.get_meter_provider() if meter_provider is None else meter_provider
+    with _registries_lock:
+        known = _registries.get(id(provider))
+        if known is None or known[0] is not provider:
+            meter = provider.get_meter("grpc_leastconn", _version())  # type: ignore[attr-defined]
+            known = _registries[id(provider)] = (provider, _Registry(meter))
+    known[1].add(balancer)
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("grpc-leastconn")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
+        return "0"
+
+
+def check_meter_provider(value: object) -> object:
+    """The ``meter_provider`` setting: None (global), False (off), or a MeterProvider."""
+    if value is None or value is False:
+        return value
+    if not callable(getattr(value, "get_meter", None)):
+        raise TypeError(
+            "meter_provider must be an OpenTelemetry MeterProvider, None (the global "
+            f"one) or False (no metrics), not {type(value).__name__}"
+        )
+    return value
