@@ -52,9 +52,7 @@ Node = picker.Node
 Observer = seams.Observer
 OutlierDetection = outlier.OutlierDetection
 OutlierDetector = outlier.OutlierDetector
-RAMP_REFRESH_S = slowstart.REFRESH_S
 REFRESH_S = failures.REFRESH_S
-Ramps = slowstart.Ramps
 Resolution = resolver.Resolution
 ResolutionError = resolver.ResolutionError
 ResolutionSchedule = backoff.ResolutionSchedule
@@ -97,7 +95,6 @@ __all__ = [
     "FORGET",
     "MAX_DECAY_S",
     "MIN_CALL_COST",
-    "RAMP_REFRESH_S",
     "REFRESH_S",
     "STREAK_DOUBLING",
     "SUCCESS_FACTOR",
@@ -120,7 +117,6 @@ __all__ = [
     "Observer",
     "OutlierDetection",
     "OutlierDetector",
-    "Ramps",
     "Resolution",
     "ResolutionError",
     "ResolutionSchedule",

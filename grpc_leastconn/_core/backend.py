@@ -89,6 +89,7 @@ class Backend(Node, Generic[ChannelT]):
         "drain_deadline",
         "ejected_at",
         "ejections",
+        "eligible_since",
         "failure_streak",
         "health",
         "key",
@@ -136,6 +137,8 @@ class Backend(Node, Generic[ChannelT]):
         # when it was ejected (None: it is not), and its ejection multiplier.
         self.calls_succeeded = 0
         self.calls_failed = 0
+        # When it last became eligible (slow start asks who is warm).
+        self.eligible_since = 0.0
         self.ejected_at: float | None = None
         self.ejections = 0
 

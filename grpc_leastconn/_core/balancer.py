@@ -441,6 +441,7 @@ class Balancer(Generic[ChannelT]):
         for backend in backends:
             backend.removed = True
             self._picker.remove(backend)
+            self._signals.forget(backend)
         self._backends.clear()
         self._draining.clear()
         return backends

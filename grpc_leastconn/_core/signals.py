@@ -106,10 +106,10 @@ class Signals:
     # -- eligibility --------------------------------------------------------------
 
     def joined(self, backend: Backend[Any], eligible: Iterable[Backend[Any]], now: float) -> None:
-        """The backend became eligible: slow start ramps its weight from here."""
+        """The backend became eligible: slow start may ramp its weight from here."""
+        backend.eligible_since = now
         if self._ramps is not None:
-            self._ramps.joined(backend, now)
-            self._ramps.refresh(eligible, now)
+            self._ramps.joined(backend, eligible, now)
             self.due = min(self.due, self._ramps.refresh_at)
 
     def left(self, backend: Backend[Any]) -> None:
@@ -118,9 +118,10 @@ class Signals:
             self._ramps.left(backend)
 
     def forget(self, backend: Backend[Any]) -> None:
-        """The backend left the address set."""
+        """The backend left the address set (or the channel closed)."""
         if self.penalty is not None:
             self.penalty.forget(backend)
+        self.left(backend)
 
     # -- time -----------------------------------------------------------------------
 
@@ -139,6 +140,6 @@ class Signals:
             changed = detector.sweep(backends, now)
             self._counts.ejections += sum(1 for b in changed if b.ejected_at is not None)
         if ramps is not None and now >= ramps.refresh_at:
-            ramps.refresh(eligible, now)
+            ramps.refresh(now)
         self._update_due()
         return changed

@@ -7,13 +7,15 @@ As in Envoy (and HAProxy's ``slowstart``), its weight ramps up over
 ``window`` seconds::
 
     factor = max(min_weight_percent / 100, time_factor ** (1 / aggression))
-    time_factor = max(seconds since it became eligible, 1) / window
+    time_factor = max(seconds since it became eligible, 0.001) / window
 
 The factor moves in steps of 5 %. A backend ramps whenever it becomes
-eligible after the channel started: a new address, a reconnection after a
-failure, the end of an ejection. When
-every eligible backend is ramping (the channel itself is starting), slow
-start does nothing, as in Envoy: there is no warm peer to spare.
+eligible while a warm peer takes calls (one eligible for at least the
+window): a new address, a reconnection after a failure, the end of an
+ejection. With no warm peer (the channel itself starting, or every backend
+back at once) it takes its full weight at once, as in Envoy when every
+endpoint is new: there is nobody to spare it. The decision is made when it
+joins, so a backend's weight never drops while it stays eligible.
 """
 
 from __future__ import annotations
@@ -61,9 +63,10 @@ class SlowStart:
         """The share of its weight a backend eligible for ``seconds`` gets (1.0 once done)."""
         if seconds >= self.window:
             return 1.0
-        time_factor = max(seconds, 1.0) / self.window
+        # Envoy counts in milliseconds: max(elapsed, 1 ms) / window.
+        time_factor = max(seconds, 0.001) / self.window
         ramp: float = time_factor ** (1 / self.aggression)
-        return max(self.min_weight_percent / 100, ramp)
+        return min(1.0, max(self.min_weight_percent / 100, ramp))
 
 
 def _stepped(factor: float) -> float:
@@ -105,26 +108,25 @@ class Ramps:
         self.ramping: dict[Backend[Any], float] = {}
         self.refresh_at = math.inf
 
-    def joined(self, backend: Backend[Any], now: float) -> None:
-        """The backend became eligible: it ramps from here."""
-        self.ramping[backend] = now
-        self.refresh_at = min(self.refresh_at, now + REFRESH_S)
+    def joined(self, backend: Backend[Any], eligible: Iterable[Backend[Any]], now: float) -> None:
+        """The backend became eligible: it ramps from here if a warm peer takes calls."""
+        window = self._config.window
+        if any(peer is not backend and now - peer.eligible_since >= window for peer in eligible):
+            self.ramping[backend] = now
+            self.refresh(now)
 
     def left(self, backend: Backend[Any]) -> None:
         """The backend is no longer eligible: it will ramp again when it returns."""
         if self.ramping.pop(backend, None) is not None:
             self._set_weight(backend, backend.static_weight)
 
-    def refresh(self, eligible: Iterable[Backend[Any]], now: float) -> None:
+    def refresh(self, now: float) -> None:
         """Bring every ramping weight up to date (every REFRESH_S while any ramps)."""
         config = self._config
         ramping = self.ramping
-        # Nobody to spare the joiners: every eligible backend is new.
-        established = any(backend not in ramping for backend in eligible)
         for backend, since in list(ramping.items()):
             seconds = now - since
             if seconds >= config.window:
                 del ramping[backend]
-            factor = _stepped(config.factor(seconds)) if established else 1.0
-            self._set_weight(backend, backend.static_weight * factor)
+            self._set_weight(backend, backend.static_weight * _stepped(config.factor(seconds)))
         self.refresh_at = now + REFRESH_S if ramping else math.inf

@@ -136,7 +136,7 @@ class WeightedPicker:
 
     def release(self, node: Node, cost: int = UNIT) -> None:
         """Count one RPC of ``cost`` on this node as ended; counts never go below zero."""
-        if node.in_flight <= 0:
+        if node.in_flight <= 0 or node.units < cost:
             raise RuntimeError("released more RPCs than were picked")
         node.in_flight -= 1
         node.units = units = node.units - cost

@@ -71,6 +71,8 @@ def check_weights(weights: object, target: Target) -> Weights:
                 f"weights key {key!r} is not a backend of target {target.text!r} "
                 "(name an address or host name as the target does)"
             )
+        if (endpoint.host, endpoint.port) in by_endpoint:
+            raise ValueError(f"weights names {key!r} twice (under another spelling)")
         by_endpoint[(endpoint.host, endpoint.port)] = _positive(f"weights[{key!r}]", weight)
     values = set(by_endpoint.values())
     if len(by_endpoint) < len(named):
