@@ -24,6 +24,7 @@ from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
 from .._core.weighted import UNIT
+from .._metrics import observe
 from .backend_channel import BackendChannel
 from .maintenance import Timer
 
@@ -83,6 +84,7 @@ class Core(Foundation[BackendChannel]):
         # Backend channels being closed; the loop keeps only weak references to tasks.
         self._closing: set[asyncio.Task[None]] = set()
         self._timer: Timer | None = None
+        observe(self._balancer, settings.meter_provider)
         if seams.observer is not None:
             seams.observer.on_attach(self)
         self.apply(self.first_addresses)

@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Generic
 import grpc
 
 from .backend import Backend, BackendState, ChannelT, Health
+from .counts import Counts
 from .failures import DEFAULT_FAILURE_CODES, decayed_penalty
-from .metrics import Counts
 from .outlier import OutlierDetection
 from .picker import LeastConnPicker, Picker, TieBreak
 from .signals import Signals

@@ -20,7 +20,6 @@ from .backend_options import BackendChannelSpec, backend_channel_spec
 from .backoff import Backoff
 from .balancer import Balancer
 from .maintenance import MaintenancePlan, resolve_initial
-from .metrics import observe
 from .resolver import Resolver
 from .rules import make_balancer
 from .seams import ResolverLike, Seams
@@ -45,7 +44,6 @@ class Foundation(Generic[ChannelT]):
         self.resolver: ResolverLike = seams.resolver or Resolver(settings.target)
         first = resolve_initial(self.resolver)
         self.plan = MaintenancePlan.for_target(settings, first, seams.clock, self._balancer.counts)
-        observe(self._balancer, settings.meter_provider)
         # Applied by the front end once its own machinery stands.
         self.first_addresses: tuple[Address, ...] = first.addresses
 

@@ -17,7 +17,7 @@ import grpc
 from .backend import Backend, ChannelT
 from .backoff import ResolutionSchedule
 from .balancer import Balancer, log
-from .metrics import Counts
+from .counts import Counts
 from .resolver import Resolution, ResolutionError
 from .seams import ResolverLike
 from .settings import Settings

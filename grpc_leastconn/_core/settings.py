@@ -18,7 +18,6 @@ import grpc
 
 from .backend_options import Option, with_reconnecting_policy
 from .failures import DEFAULT_FAILURE_CODES, check_failure_codes
-from .metrics import check_meter_provider
 from .outlier import OutlierDetection
 from .picker import TIE_BREAKS, TieBreak
 from .slowstart import SlowStart, check_slow_start
@@ -203,6 +202,18 @@ def _seconds(name: str, value: object, *, positive: bool = False) -> float:
         bound = "> 0" if positive else ">= 0"
         raise ValueError(f"{name} must be finite and {bound}; got {value!r}")
     return seconds
+
+
+def check_meter_provider(value: object) -> object:
+    """The ``meter_provider`` setting: None (global), False (off), or a MeterProvider."""
+    if value is None or value is False:
+        return value
+    if not callable(getattr(value, "get_meter", None)):
+        raise TypeError(
+            "meter_provider must be an OpenTelemetry MeterProvider, None (the global "
+            f"one) or False (no metrics), not {type(value).__name__}"
+        )
+    return value
 
 
 def _flag(name: str, value: object) -> bool:

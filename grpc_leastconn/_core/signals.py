@@ -19,8 +19,8 @@ from typing import Any
 import grpc
 
 from .backend import Backend
+from .counts import Counts
 from .failures import CALLER_CODES, FailurePenalty
-from .metrics import Counts
 from .outlier import OutlierDetection, OutlierDetector
 from .picker import Picker
 from .slowstart import Ramps, SlowStart

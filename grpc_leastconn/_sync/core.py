@@ -28,6 +28,7 @@ from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
 from .._core.weighted import UNIT
+from .._metrics import observe
 from .backend_channel import BackendChannel
 from .failed import FailedCall
 from .maintenance import Timer
@@ -50,6 +51,7 @@ class Core(Foundation[BackendChannel]):
         self._deliveries: _Deliveries | None = None
         # Set before any backend channel exists: their reports read it.
         self._timer: Timer | None = None
+        observe(self._balancer, settings.meter_provider)
         if seams.observer is not None:
             seams.observer.on_attach(self)
         self._apply(self.first_addresses)

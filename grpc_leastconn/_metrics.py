@@ -1,5 +1,9 @@
 """OpenTelemetry metrics: what every channel's balancer counts, read when collected.
 
+Shared by both front ends, which hand each channel's balancer to
+``observe``; outside the pure core because the SDK reads on threads of its
+own (a lock guards the registry).
+
 Through the OpenTelemetry API only (the ``otel`` extra); the application's
 SDK decides where they go. With a global MeterProvider set, metrics flow
 with no code change (``meter_provider=`` picks another, ``False`` turns them
@@ -26,13 +30,12 @@ import importlib.metadata
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .failures import decayed_penalty
+from ._core.failures import decayed_penalty
 
 if TYPE_CHECKING:
-    from .balancer import Balancer
+    from ._core.balancer import Balancer
 
 try:
     from opentelemetry import metrics as otel_metrics
@@ -41,21 +44,6 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 TARGET = "grpc.target"
 BACKEND = "grpc_leastconn.backend"
-
-
-@dataclass(slots=True)
-class Counts:
-    """Events of one channel, counted as they happen (cumulative)."""
-
-    connection_attempts_succeeded: int = 0
-    connection_attempts_failed: int = 0
-    disconnections: int = 0
-    health_changes: int = 0
-    ejections: int = 0
-    resolutions: int = 0
-    resolution_failures: int = 0
-    repicks: int = 0
-    fail_fast: int = 0
 
 
 # (kind, name, unit, description, what to observe): per channel (``channel``)
@@ -255,15 +243,3 @@ def _version() -> str:
         return importlib.metadata.version("grpc-leastconn")
     except importlib.metadata.PackageNotFoundError:  # pragma: no cover - not installed
         return "0"
-
-
-def check_meter_provider(value: object) -> object:
-    """The ``meter_provider`` setting: None (global), False (off), or a MeterProvider."""
-    if value is None or value is False:
-        return value
-    if not callable(getattr(value, "get_meter", None)):
-        raise TypeError(
-            "meter_provider must be an OpenTelemetry MeterProvider, None (the global "
-            f"one) or False (no metrics), not {type(value).__name__}"
-        )
-    return value
