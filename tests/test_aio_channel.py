@@ -78,6 +78,8 @@ def test_public_surface() -> None:
             "weights",
             "slow_start",
             "call_costs",
+            "meter_provider",
+            "server_load",
         }
     assert "after the pick" in (grpc_leastconn.aio.insecure_channel.__doc__ or "")
 

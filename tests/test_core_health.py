@@ -67,7 +67,7 @@ def test_any_other_end_is_pending_and_retried_after_the_first_backoff(
     code: grpc.StatusCode,
 ) -> None:
     end = policy().ended(code)
-    assert end.health is Health.PENDING
+    assert end.report is Health.PENDING
     assert end.retry_after is not None
     low, high = bounds(0)
     assert low <= end.retry_after <= high
@@ -78,7 +78,7 @@ def test_successive_ends_follow_the_backoff_up_to_its_ceiling() -> None:
     delays = []
     for attempt in range(20):
         end = watch.ended(RETRIED_CODES[attempt % len(RETRIED_CODES)])
-        assert end.health is Health.PENDING
+        assert end.report is Health.PENDING
         assert end.retry_after is not None
         low, high = bounds(attempt)
         assert low <= end.retry_after <= high, (attempt, end.retry_after)
@@ -109,7 +109,7 @@ def test_an_answer_resets_the_backoff() -> None:
     assert end.retry_after >= bounds(6)[0]
     assert watch.answered(response(health_pb2.HealthCheckResponse.SERVING)) is Health.SERVING
     end = watch.ended(grpc.StatusCode.OK)
-    assert end.health is Health.PENDING
+    assert end.report is Health.PENDING
     assert end.retry_after is not None
     low, high = bounds(0)
     assert low <= end.retry_after <= high

@@ -10,10 +10,9 @@ from typing import Any
 
 import grpc
 
-from .._core.backend import Health
 from .._core.backend_options import BackendChannelSpec
-from .._core.backoff import Backoff
-from .health import HealthWatcher
+from .._core.health import WatchSpec
+from .watch import StreamWatcher
 
 _READY = grpc.ChannelConnectivity.READY
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
@@ -35,11 +34,8 @@ class BackendChannel:
         *,
         name: str,
         interceptors: Sequence[grpc.aio.ClientInterceptor] | None,
-        health_check_service: str | None,
-        health_backoff: Backoff,
+        watches: Sequence[WatchSpec],
         on_connectivity: Callable[[grpc.ChannelConnectivity], None],
-        on_health: Callable[[Health], None],
-        on_error: Callable[[str], None],
     ) -> None:
         options = list(spec.options)
         # By keyword: whoever wraps grpcio's factories (OpenTelemetry's
@@ -65,27 +61,26 @@ class BackendChannel:
         # swept now and then: a WeakSet would run a callback per RPC.
         self._rpcs: list[weakref.ref[Any]] = []
         self._until_sweep = _SWEEP_AT_LEAST
-        self._health = (
-            None
-            if health_check_service is None
-            else HealthWatcher(
-                self.grpc_channel,
-                health_check_service,
-                on_health,
-                on_error=on_error,
-                backoff=health_backoff,
-                name=name,
+        # The health Watch and the load report stream, each on its own.
+        self._watchers = [
+            StreamWatcher(
+                _opener(self.grpc_channel.unary_stream(w.method, w.serializer, w.deserializer)),
+                w.policy,
+                w.report,
+                on_error=w.on_error,
+                name=f"{w.kind} {name}",
             )
-        )
+            for w in watches
+        ]
         self._watcher = asyncio.get_running_loop().create_task(
             _watch_connectivity(self.grpc_channel, self._on_connectivity),
             name=f"grpc_leastconn connectivity {name}",
         )
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        # The health watcher first: a new connection must be watched anew.
-        if self._health is not None:
-            self._health.connectivity_changed(state)
+        # The watchers first: a new connection must be watched anew.
+        for watcher in self._watchers:
+            watcher.connectivity_changed(state)
         self._report_connectivity(state)
 
     def remember(self, rpc: Any) -> None:
@@ -111,13 +106,14 @@ class BackendChannel:
 
     async def close(self, grace: float | None = None) -> None:
         """Close the channel, cancelling its RPCs after ``grace``; stop reporting."""
-        if self._health is not None:
-            # Ended through its own loop, not cancelled: a cancelled task's
-            # traceback refers back to its frames, which would keep the
-            # Watch call, and with it the backend's connection, until a
-            # garbage collection.
-            self._health.stop()
-            await self._health.wait_stopped()
+        # Ended through their own loops, not cancelled: a cancelled task's
+        # traceback refers back to its frames, which would keep the stream's
+        # call, and with it the backend's connection, until a garbage
+        # collection.
+        for watcher in self._watchers:
+            watcher.stop()
+        for watcher in self._watchers:
+            await watcher.wait_stopped()
         await self.grpc_channel.close(grace)
         # Cancelled: grpc.aio reports SHUTDOWN to a watcher only once every
         # call object of the channel is gone, and callers may hold theirs.
@@ -144,3 +140,8 @@ async def _watch_connectivity(
             # It left READY and reconnected before we looked: a new
             # connection, whose server the health watcher must ask anew.
             report(grpc.ChannelConnectivity.CONNECTING)
+
+
+def _opener(stream: Any) -> Callable[[Any], Any]:
+    """Opens a watched stream: wait_for_ready, so it waits out a reconnection."""
+    return lambda request: stream(request, wait_for_ready=True)

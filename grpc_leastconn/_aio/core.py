@@ -106,11 +106,8 @@ class Core(Foundation[BackendChannel]):
             self._spec(backend),
             name=backend.key,
             interceptors=self._interceptors,
-            health_check_service=self.settings.health_check_service,
-            health_backoff=self._health_backoff,
+            watches=self._watches(backend),
             on_connectivity=Report(self.on_connectivity, backend),
-            on_health=Report(self.on_health, backend),
-            on_error=Report(self.on_error, backend),
         )
 
     def _close_channel(self, backend: _Backend) -> None:
@@ -182,9 +179,10 @@ class Core(Foundation[BackendChannel]):
         code: grpc.StatusCode | None = None,
         cost: int = UNIT,
         error: str | None = None,
+        trailers: Any = None,
     ) -> None:
         """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
-        if self._balancer.release(backend, code, cost, error):
+        if self._balancer.release(backend, code, cost, error, trailers):
             self._close_channel(backend)
 
     def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
@@ -193,7 +191,8 @@ class Core(Foundation[BackendChannel]):
         error = None
         if code is not None:
             code, error = outcome(code, lambda: settled(call.details), backend)
-        self.release(backend, code, cost, error)
+        trailers = settled(call.trailing_metadata) if self.reads_load else None
+        self.release(backend, code, cost, error, trailers)
 
     # -- events ---------------------------------------------------------------
 

@@ -75,6 +75,8 @@ class BackendState:
     """Outlier detection (gRFC A50) has taken it out for a while."""
     weight: float
     """Its weight now: the static weight, times its slow-start factor while it ramps."""
+    reported_others: int
+    """Other clients' RPCs on it, by its last load report (server_load=True; else 0)."""
 
 
 class Backend(Node, Generic[ChannelT]):
@@ -94,6 +96,8 @@ class Backend(Node, Generic[ChannelT]):
         "health",
         "key",
         "last_error",
+        "load_reports_stale",
+        "others",
         "penalty",
         "penalty_at",
         "released",
@@ -101,6 +105,7 @@ class Backend(Node, Generic[ChannelT]):
         "static_weight",
         "unreachable_since",
         "warned_failing",
+        "warned_no_reports",
         "warned_unimplemented",
         "was_ready",
     )
@@ -121,6 +126,10 @@ class Backend(Node, Generic[ChannelT]):
         self.channel: ChannelT | None = None
         # Each new connection is watched anew; say it has no health service once.
         self.warned_unimplemented = False
+        # Other clients' RPCs on it, from its load reports (server_load.py).
+        self.others = 0
+        self.load_reports_stale = False
+        self.warned_no_reports = False
         # For operators' logs: the last error seen on it (a failed call, a
         # broken Watch), whether it has been READY, and since when a backend
         # that was READY is unreachable (None: it is not).
@@ -184,6 +193,7 @@ class Backend(Node, Generic[ChannelT]):
             penalty=round(penalty, 3),
             ejected=self.ejected_at is not None,
             weight=self.weight,
+            reported_others=self.others,
         )
 
     def __repr__(self) -> str:

@@ -19,7 +19,7 @@ import random
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic
+from typing import TYPE_CHECKING, Any, Generic
 
 import grpc
 
@@ -28,6 +28,7 @@ from .counts import Counts
 from .failures import DEFAULT_FAILURE_CODES, decayed_penalty
 from .outlier import OutlierDetection
 from .picker import LeastConnPicker, Picker, TieBreak
+from .server_load import trailer_in_flight
 from .signals import Signals
 from .slowstart import SlowStart
 from .stepped import SteppedPicker
@@ -77,6 +78,7 @@ class Balancer(Generic[ChannelT]):
         weight_of: Callable[[Address], float] | None = None,
         step_of: Callable[[Address], int] | None = None,
         slow_start: SlowStart | None = None,
+        server_load: bool = False,
     ) -> None:
         self.target = target
         # The one cost (weighted.py): the O(1) bucket picker while every
@@ -105,6 +107,7 @@ class Balancer(Generic[ChannelT]):
             failure_penalty=failure_penalty,
             outlier_detection=outlier_detection,
             slow_start=slow_start,
+            server_load=server_load,
         )
         # The hot path calls the observer only for the hooks it overrides.
         self._on_release = (
@@ -205,6 +208,20 @@ class Balancer(Generic[ChannelT]):
                 backend.last_error or "none seen",
             )
 
+    def report_load(self, backend: Backend[ChannelT], in_flight: float) -> None:
+        """The backend reported ``in_flight`` RPCs of all its clients (ORCA)."""
+        if not backend.removed:
+            self._signals.reported(backend, in_flight)
+
+    def load_unreported(self, backend: Backend[ChannelT]) -> None:
+        """The backend serves no load report stream (UNIMPLEMENTED)."""
+        if self._signals.load is not None:
+            self._signals.load.unimplemented(backend)
+
+    @property
+    def reads_server_load(self) -> bool:
+        return self._signals.load is not None
+
     def note_error(self, backend: Backend[ChannelT], error: str) -> None:
         """An error seen on the backend (a failed call, a broken Watch), for the logs."""
         backend.last_error = error
@@ -287,17 +304,24 @@ class Balancer(Generic[ChannelT]):
         code: grpc.StatusCode | None = None,
         cost: int = UNIT,
         error: str | None = None,
+        trailers: Any = None,
     ) -> bool:
         """gRFC A48: count an RPC as ended, whatever its status.
 
         ``code`` is how it ended, for the failure signals; None when it says
         nothing about the backend (the RPC never left this process); ``cost``
         what it was picked with; ``error`` the failure's text, kept for the
-        logs when it is the backend's. True when the backend was draining and this
-        was its last RPC: the front end closes its backend channel now.
+        logs when it is the backend's; ``trailers`` its trailing metadata, read
+        for a load report (server_load). True when the backend was draining and
+        this was its last RPC: the front end closes its backend channel now.
         """
         if self._on_release is not None:
             self._on_release(backend)
+        if trailers is not None and not backend.removed:
+            # Before the release: the report counts this call, and so do we.
+            in_flight = trailer_in_flight(trailers)
+            if in_flight is not None:
+                self._signals.reported(backend, in_flight)
         self._picker.release(backend, cost)
         backend.released += 1
         signals = self._signals

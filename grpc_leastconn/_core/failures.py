@@ -89,7 +89,7 @@ class FailurePenalty:
         *,
         target: str,
         clock: Callable[[], float],
-        set_extra: Callable[[Backend[Any], int], None],
+        set_extra: Callable[[Backend[Any]], None],
     ) -> None:
         self.codes = frozenset(codes)
         self._target = target
@@ -147,7 +147,7 @@ class FailurePenalty:
             self.refresh_at = min(self.refresh_at, now + REFRESH_S)
         backend.penalty = penalty
         backend.penalty_at = now
-        self._set_extra(backend, int(penalty))
+        self._set_extra(backend)
 
 
 def decayed_penalty(backend: Backend[Any], now: float) -> float:

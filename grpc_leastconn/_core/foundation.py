@@ -15,14 +15,16 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any, Generic, TypeVar
 
-from .backend import Backend, BackendState, ChannelT
+from .backend import Backend, BackendState, ChannelT, Health
 from .backend_options import BackendChannelSpec, backend_channel_spec
 from .backoff import Backoff
 from .balancer import Balancer
+from .health import WatchSpec, health_watch
 from .maintenance import MaintenancePlan, resolve_initial
 from .resolver import Resolver
-from .rules import make_balancer
+from .rules import Report, make_balancer
 from .seams import ResolverLike, Seams
+from .server_load import Unreported, load_watch
 from .settings import Settings
 from .target import Address
 
@@ -46,6 +48,36 @@ class Foundation(Generic[ChannelT]):
         self.plan = MaintenancePlan.for_target(settings, first, seams.clock, self._balancer.counts)
         # Applied by the front end once its own machinery stands.
         self.first_addresses: tuple[Address, ...] = first.addresses
+        # Whether calls' trailers are read for load reports (server_load).
+        self.reads_load = settings.server_load
+
+    def _watches(self, backend: Backend[ChannelT]) -> list[WatchSpec]:
+        """The streams a backend channel keeps watching: health, load reports."""
+        settings = self.settings
+        watches = []
+        if settings.health_check_service is not None:
+            watches.append(
+                health_watch(
+                    settings.health_check_service,
+                    self._health_backoff,
+                    Report(self.on_health, backend),
+                    Report(self.on_error, backend),
+                )
+            )
+        if settings.server_load:
+            watches.append(load_watch(self._health_backoff, Report(self.on_load, backend)))
+        return watches
+
+    def on_health(self, backend: Backend[ChannelT], health: Health) -> None:
+        raise NotImplementedError
+
+    def on_load(self, backend: Backend[ChannelT], report: float | Unreported) -> None:
+        """A load report of the backend's (or: it serves none)."""
+        with self._guard:
+            if isinstance(report, Unreported):
+                self._balancer.load_unreported(backend)
+            else:
+                self._balancer.report_load(backend, report)
 
     def _spec(self, backend: Backend[ChannelT]) -> BackendChannelSpec:
         settings = self.settings

@@ -1,7 +1,9 @@
 """Health-watch policy (gRFC A17): what a Watch answer means, and what to do when it ends.
 
-Pure: each front end runs one Watch stream per backend (a thread, or a
-task) and asks this policy what every answer and every end mean. The rules:
+Pure: each front end runs one Watch stream per backend (its watch.py, a
+thread or a task) and asks this policy what every answer and every end
+mean; the ORCA report stream follows the same shape (server_load.py). The
+rules:
 
 - SERVING lets the backend serve; NOT_SERVING, SERVICE_UNKNOWN and UNKNOWN
   do not;
@@ -15,8 +17,9 @@ task) and asks this policy what every answer and every end mean. The rules:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Protocol
 
 import grpc
 from grpc_health.v1 import health_pb2
@@ -34,13 +37,31 @@ _STATUS = {
 
 @dataclass(frozen=True, slots=True)
 class WatchEnd:
-    """What to do after a Watch stream ended."""
+    """What to do after a watched stream ended."""
 
-    # Report this now.
-    health: Health
+    # Report this now (None: nothing).
+    report: Any
     # Seconds before watching again; None: on the backend's next connection
-    # (then report ``WatchPolicy.reconnected()`` and watch again).
+    # (then report ``reconnected()`` and watch again).
     retry_after: float | None
+
+
+class StreamPolicy(Protocol):
+    """What a per-backend stream watcher asks of its policy (health, load reports)."""
+
+    request: Any
+
+    def answered(self, response: Any) -> Any:
+        """What to report for one message (None: nothing)."""
+        ...
+
+    def ended(self, code: grpc.StatusCode) -> WatchEnd:
+        """The stream ended with ``code`` (OK when the server closed it)."""
+        ...
+
+    def reconnected(self) -> Any:
+        """The backend has a new connection: what to report (None: nothing)."""
+        ...
 
 
 class WatchPolicy:
@@ -74,3 +95,39 @@ class WatchPolicy:
         """
         self._attempt = 0
         return Health.PENDING
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSpec:
+    """One stream a backend channel keeps watching, as both front ends open it."""
+
+    # For the watcher's thread or task name: "health", "load reports".
+    kind: str
+    method: str
+    serializer: Callable[[Any], bytes]
+    deserializer: Callable[[bytes], Any]
+    policy: StreamPolicy
+    # Told each value the policy reports; errors the stream ends with (or None).
+    report: Callable[[Any], None]
+    on_error: Callable[[str], None] | None
+
+
+HEALTH_WATCH: Final = "/grpc.health.v1.Health/Watch"
+
+
+def health_watch(
+    service: str,
+    backoff: Backoff,
+    report: Callable[[Health], None],
+    on_error: Callable[[str], None],
+) -> WatchSpec:
+    """The grpc.health.v1 Watch of one backend."""
+    return WatchSpec(
+        kind="health",
+        method=HEALTH_WATCH,
+        serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        deserializer=health_pb2.HealthCheckResponse.FromString,
+        policy=WatchPolicy(service, backoff),
+        report=report,
+        on_error=on_error,
+    )

@@ -54,6 +54,7 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         weight_of=settings.weights.of,
         step_of=None if settings.weights.steps is None else settings.weights.step_of,
         slow_start=settings.slow_start,
+        server_load=settings.server_load,
     )
 
 

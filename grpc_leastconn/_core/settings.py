@@ -20,6 +20,7 @@ from .backend_options import Option, with_reconnecting_policy
 from .failures import DEFAULT_FAILURE_CODES, check_failure_codes
 from .outlier import OutlierDetection
 from .picker import TIE_BREAKS, TieBreak
+from .server_load import report_messages
 from .slowstart import SlowStart, check_slow_start
 from .target import Target, parse_target
 from .weighted import UNIT
@@ -67,6 +68,8 @@ class Tuning(TypedDict, total=False):
     """What one call of a method ("/pkg.Service/Method") adds to the load (default 1)."""
     meter_provider: Any
     """OpenTelemetry MeterProvider for metrics; None: the global one; False: none."""
+    server_load: bool
+    """Add other clients' calls, as the backends report them (ORCA), to the load."""
 
 
 _TUNING_KEYWORDS = frozenset(Tuning.__annotations__)
@@ -92,6 +95,7 @@ class Settings:
     # Milli-calls per call, by full method name (absent: UNIT).
     call_costs: Mapping[str, int]
     meter_provider: object
+    server_load: bool
 
     @property
     def weighted(self) -> bool:
@@ -183,6 +187,7 @@ def make_settings(
         slow_start=check_slow_start(tuning.get("slow_start")),
         call_costs=check_call_costs(tuning.get("call_costs")),
         meter_provider=check_meter_provider(tuning.get("meter_provider")),
+        server_load=_server_load(tuning.get("server_load", False)),
     )
 
 
@@ -214,6 +219,13 @@ def check_meter_provider(value: object) -> object:
             f"one) or False (no metrics), not {type(value).__name__}"
         )
     return value
+
+
+def _server_load(value: object) -> bool:
+    """The ``server_load`` setting; on, it needs the ORCA messages (the orca extra)."""
+    if _flag("server_load", value):
+        report_messages()
+    return bool(value)
 
 
 def _flag(name: str, value: object) -> bool:

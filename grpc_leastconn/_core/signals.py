@@ -23,6 +23,7 @@ from .counts import Counts
 from .failures import CALLER_CODES, FailurePenalty
 from .outlier import OutlierDetection, OutlierDetector
 from .picker import Picker
+from .server_load import ServerLoad
 from .slowstart import Ramps, SlowStart
 
 
@@ -41,12 +42,19 @@ class Signals:
         failure_penalty: bool,
         outlier_detection: OutlierDetection | None,
         slow_start: SlowStart | None,
+        server_load: bool = False,
     ) -> None:
         self.failure_codes = frozenset(failure_codes)
         self._counts = counts
+        self._picker = picker
         self.penalty = (
-            FailurePenalty(failure_codes, target=target, clock=clock, set_extra=picker.set_extra)
+            FailurePenalty(failure_codes, target=target, clock=clock, set_extra=self._set_extra)
             if failure_penalty and failure_codes
+            else None
+        )
+        self.load = (
+            ServerLoad(target=target, clock=clock, set_extra=self._set_extra)
+            if server_load
             else None
         )
         self._detector = (
@@ -72,12 +80,17 @@ class Signals:
         self.due = math.inf
         self._update_due()
 
+    def _set_extra(self, backend: Backend[Any]) -> None:
+        """The extra load the picker sees: the failure penalty and other clients' RPCs."""
+        self._picker.set_extra(backend, int(backend.penalty) + backend.others)
+
     def _update_due(self) -> None:
-        penalty, detector, ramps = self.penalty, self._detector, self._ramps
+        penalty, detector, ramps, load = self.penalty, self._detector, self._ramps, self.load
         self.due = min(
             math.inf if penalty is None else penalty.refresh_at,
             math.inf if detector is None else detector.next_sweep,
             math.inf if ramps is None else ramps.refresh_at,
+            math.inf if load is None else load.refresh_at,
         )
 
     # -- how calls end ----------------------------------------------------------
@@ -121,7 +134,15 @@ class Signals:
         """The backend left the address set (or the channel closed)."""
         if self.penalty is not None:
             self.penalty.forget(backend)
+        if self.load is not None:
+            self.load.forget(backend)
         self.left(backend)
+
+    def reported(self, backend: Backend[Any], in_flight: float) -> None:
+        """The backend reported ``in_flight`` RPCs (all clients'), now."""
+        if self.load is not None:
+            self.load.reported(backend, in_flight, backend.in_flight)
+            self.due = min(self.due, self.load.refresh_at)
 
     # -- time -----------------------------------------------------------------------
 
@@ -141,5 +162,7 @@ class Signals:
             self._counts.ejections += sum(1 for b in changed if b.ejected_at is not None)
         if ramps is not None and now >= ramps.refresh_at:
             ramps.refresh(now)
+        if self.load is not None and now >= self.load.refresh_at:
+            self.load.refresh(now)
         self._update_due()
         return changed

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
-from .._core.backend import Health
 from .._core.backend_options import BackendChannelSpec
-from .._core.backoff import Backoff
-from .health import HealthWatcher
+from .._core.health import WatchSpec
+from .watch import StreamWatcher
 
 
 def _ignore(state: grpc.ChannelConnectivity) -> None:
@@ -25,11 +25,8 @@ class BackendChannel:
         spec: BackendChannelSpec,
         *,
         name: str,
-        health_check_service: str | None,
-        health_backoff: Backoff,
+        watches: Sequence[WatchSpec],
         on_connectivity: Callable[[grpc.ChannelConnectivity], None],
-        on_health: Callable[[Health], None],
-        on_error: Callable[[str], None],
     ) -> None:
         options = list(spec.options)
         # By keyword, as the asyncio twin: wrappers of grpcio's factories
@@ -45,26 +42,25 @@ class BackendChannel:
         self._report_connectivity = on_connectivity
         self._closing_lock = threading.Lock()
         self._closing = False
-        self._health = (
-            None
-            if health_check_service is None
-            else HealthWatcher(
-                self.grpc_channel,
-                health_check_service,
-                on_health,
-                on_error=on_error,
-                backoff=health_backoff,
-                name=name,
+        # The health Watch and the load report stream, each on its own.
+        self._watchers = [
+            StreamWatcher(
+                _opener(self.grpc_channel.unary_stream(w.method, w.serializer, w.deserializer)),
+                w.policy,
+                w.report,
+                on_error=w.on_error,
+                name=f"{w.kind} {name}",
             )
-        )
+            for w in watches
+        ]
         # try_to_connect: connect now, so the backend is READY before the
         # first pick needs it.
         self.grpc_channel.subscribe(self._on_connectivity, try_to_connect=True)
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
-        # The health watcher first: a new connection must be watched anew.
-        if self._health is not None:
-            self._health.connectivity_changed(state)
+        # The watchers first: a new connection must be watched anew.
+        for watcher in self._watchers:
+            watcher.connectivity_changed(state)
         if state is grpc.ChannelConnectivity.IDLE:
             # An idle channel (grpc.client_idle_timeout_ms) waits for a call
             # to reconnect, but calls only go to READY backends: ask for the
@@ -80,7 +76,12 @@ class BackendChannel:
     def close(self) -> None:
         with self._closing_lock:
             self._closing = True
-        if self._health is not None:
-            self._health.stop()
+        for watcher in self._watchers:
+            watcher.stop()
         self.grpc_channel.unsubscribe(self._on_connectivity)
         self.grpc_channel.close()
+
+
+def _opener(stream: Any) -> Callable[[Any], Any]:
+    """Opens a watched stream: wait_for_ready, so it waits out a reconnection."""
+    return lambda request: stream(request, wait_for_ready=True)

@@ -145,6 +145,7 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
     ) -> Any:
         """A blocking call, released in ``finally``; re-picked if it never left."""
         core, cost = self._core, self.cost
+        reads_load = core.reads_load
         deadline = None if timeout is None else time.monotonic() + timeout
         backend = core.acquire(wait_for_ready, timeout, cost)
         failed: list[_Backend] = []
@@ -157,21 +158,32 @@ class _UnaryResponse(_MultiCallable[_InnerUnaryResponse]):
             # reached the backend, so it says nothing about it.
             code: grpc.StatusCode | None = None
             text: str | None = None
+            trailers = None
             try:
                 # wait_for_ready is ours to honour, at the pick: passed down, it
                 # would pin the RPC to this one backend until it came back.
+                if reads_load:
+                    # The call, for its trailers' load report.
+                    response, call = inner.with_call(
+                        request, timeout, metadata, credentials, None, compression
+                    )
+                    trailers = call.trailing_metadata()
+                    code = _OK
+                    return (response, call) if with_call else response
                 response = (inner.with_call if with_call else inner)(
                     request, timeout, metadata, credentials, None, compression
                 )
                 code = _OK
                 return response
             except grpc.RpcError as error:
+                if reads_load:
+                    trailers = getattr(error, "trailing_metadata", lambda: None)()
                 if not (repick and may_repick(error, len(failed), backend)):
                     code, text = error_outcome(error, backend)
                     raise
                 text = error_outcome(error, backend)[1]
             finally:
-                core.release(backend, code, cost, text)
+                core.release(backend, code, cost, text, trailers)
             failed.append(backend)
             log.debug("RPC never reached %s; re-picking", backend.key)
             backend = core.repick(failed, wait_for_ready, deadline, cost)

@@ -71,11 +71,8 @@ class Core(Foundation[BackendChannel]):
         backend.channel = BackendChannel(
             self._spec(backend),
             name=backend.key,
-            health_check_service=self.settings.health_check_service,
-            health_backoff=self._health_backoff,
+            watches=self._watches(backend),
             on_connectivity=Report(self.on_connectivity, backend),
-            on_health=Report(self.on_health, backend),
-            on_error=Report(self.on_error, backend),
         )
 
     @staticmethod
@@ -110,10 +107,11 @@ class Core(Foundation[BackendChannel]):
         code: grpc.StatusCode | None = None,
         cost: int = UNIT,
         error: str | None = None,
+        trailers: Any = None,
     ) -> None:
         """An RPC on ``backend`` ended with ``code`` (None: it never reached the backend)."""
         with self._lock:
-            drained = self._balancer.release(backend, code, cost, error)
+            drained = self._balancer.release(backend, code, cost, error, trailers)
         if drained and backend.channel is not None:
             # This may run in the backend channel's own callback thread,
             # which closing the channel would wait for: close it on another.
@@ -121,13 +119,16 @@ class Core(Foundation[BackendChannel]):
 
     def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
         """A call's done callback: release with the call's status."""
+        trailers = None
         try:
             code, error = outcome(call.code(), call.details, backend)
+            if self.reads_load:
+                trailers = call.trailing_metadata()
         except Exception:
             # Not a grpc call we can ask (a wrapper of someone else's): count
             # the end, judge nothing.
             code, error = None, None
-        self.release(backend, code, cost, error)
+        self.release(backend, code, cost, error, trailers)
 
     def _wait_for_backend(
         self, wait_for_ready: bool | None, timeout: float | None, cost: int

@@ -1,9 +1,11 @@
-"""Health checking (sync): one grpc.health.v1 Watch stream per backend, on a thread.
+"""Watched streams (sync): one server stream per backend and purpose, on a thread.
 
-The thread reads the Watch and follows the shared policy (``_core.health``,
-gRFC A17) for every answer and every end. The Watch uses wait_for_ready, so
-while the backend is down it simply waits for the backend channel to
-reconnect.
+The grpc.health.v1 Watch (gRFC A17) and, with ``server_load=True``, the ORCA
+report stream (gRFC A51) are both a server stream per backend, read to its
+end, then watched again after a backoff or on the next connection; what
+each message and each end mean is the shared policy's (``_core.health``,
+``_core.server_load``). The streams use wait_for_ready, so while the
+backend is down they simply wait for the backend channel to reconnect.
 """
 
 from __future__ import annotations
@@ -13,40 +15,40 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
-from .._core.backend import Health
-from .._core.backoff import Backoff
-from .._core.health import WatchPolicy
+from .._core.health import StreamPolicy
 
 
-class HealthWatcher:
-    """Watches one backend's health on a daemon thread until stopped."""
+class StreamWatcher:
+    """Watches one stream of one backend on a daemon thread until stopped."""
 
     def __init__(
         self,
-        channel: grpc.Channel,
-        service: str,
-        on_health: Callable[[Health], None],
+        open_stream: Callable[[Any], Any],
+        policy: StreamPolicy,
+        report: Callable[[Any], None],
         *,
-        on_error: Callable[[str], None],
-        backoff: Backoff,
+        on_error: Callable[[str], None] | None,
         name: str,
     ) -> None:
-        self._watch = health_pb2_grpc.HealthStub(channel).Watch
-        self._policy = WatchPolicy(service, backoff)
-        self._on_health = on_health
+        self._open = open_stream
+        self._policy = policy
+        self._report = report
         self._on_error = on_error
         self._stopped = threading.Event()
         self._lock = threading.Lock()
         self._call: Any = None
         # Set when the backend channel leaves READY: the connection the last
-        # Watch ran on is gone.
+        # stream ran on is gone.
         self._connection_lost = threading.Event()
         self._thread = threading.Thread(
-            target=self._run, name=f"grpc_leastconn health {name}", daemon=True
+            target=self._run, name=f"grpc_leastconn {name}", daemon=True
         )
         self._thread.start()
+
+    def _tell(self, value: Any) -> None:
+        if value is not None:
+            self._report(value)
 
     def _run(self) -> None:
         policy = self._policy
@@ -55,25 +57,29 @@ class HealthWatcher:
                 if self._stopped.is_set():
                     return
                 self._connection_lost.clear()
-                self._call = call = self._watch(policy.request, wait_for_ready=True)
+                self._call = call = self._open(policy.request)
             try:
-                for response in call:
-                    self._on_health(policy.answered(response))
+                for message in call:
+                    self._tell(policy.answered(message))
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code is not grpc.StatusCode.UNIMPLEMENTED and not self._stopped.is_set():
+                if (
+                    self._on_error is not None
+                    and code is not grpc.StatusCode.UNIMPLEMENTED
+                    and not self._stopped.is_set()
+                ):
                     # The connection's own words (Socket closed, ...), for the logs.
                     self._on_error(f"{code.name}: {exc.details()}")
             if self._stopped.is_set():
                 return
             end = policy.ended(code)
-            self._on_health(end.health)
+            self._tell(end.report)
             if end.retry_after is None:
                 self._connection_lost.wait()
                 if self._stopped.is_set():
                     return
-                self._on_health(policy.reconnected())
+                self._tell(policy.reconnected())
             elif self._stopped.wait(end.retry_after):
                 return
 
@@ -88,7 +94,7 @@ class HealthWatcher:
             call = self._call
         # A wrapped backend channel (an interceptor's) may hand back a plain
         # iterator with no cancel(); closing the backend channel, which
-        # follows, ends the Watch all the same.
+        # follows, ends the stream all the same.
         cancel = getattr(call, "cancel", None)
         if cancel is not None:
             cancel()

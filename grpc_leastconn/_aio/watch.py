@@ -1,8 +1,11 @@
-"""Health checking (asyncio): one grpc.health.v1 Watch stream per backend, as a task.
+"""Watched streams (asyncio): one server stream per backend and purpose, as a task.
 
-The task reads the Watch and follows the shared policy (``_core.health``,
-gRFC A17) for every answer and every end. The Watch uses wait_for_ready, so
-while the backend is down it waits for the backend channel to reconnect.
+The grpc.health.v1 Watch (gRFC A17) and, with ``server_load=True``, the ORCA
+report stream (gRFC A51) are both a server stream per backend, read to its
+end, then watched again after a backoff or on the next connection; what
+each message and each end mean is the shared policy's (``_core.health``,
+``_core.server_load``). The streams use wait_for_ready, so while the
+backend is down they wait for the backend channel to reconnect.
 """
 
 from __future__ import annotations
@@ -13,51 +16,55 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2_grpc
 
-from .._core.backend import Health
-from .._core.backoff import Backoff
-from .._core.health import WatchPolicy
+from .._core.health import StreamPolicy
 
 
-class HealthWatcher:
-    """Watches one backend's health on a task of the running loop until stopped."""
+class StreamWatcher:
+    """Watches one stream of one backend on a task of the running loop until stopped."""
 
     def __init__(
         self,
-        channel: grpc.aio.Channel,
-        service: str,
-        on_health: Callable[[Health], None],
+        open_stream: Callable[[Any], Any],
+        policy: StreamPolicy,
+        report: Callable[[Any], None],
         *,
-        on_error: Callable[[str], None],
-        backoff: Backoff,
+        on_error: Callable[[str], None] | None,
         name: str,
     ) -> None:
-        self._watch = health_pb2_grpc.HealthStub(channel).Watch
-        self._policy = WatchPolicy(service, backoff)
-        self._on_health = on_health
+        self._open = open_stream
+        self._policy = policy
+        self._report = report
         self._on_error = on_error
         self._stopped = asyncio.Event()
         # Set when the backend channel leaves READY: the connection the last
-        # Watch ran on is gone.
+        # stream ran on is gone.
         self._connection_lost = asyncio.Event()
         self._call: Any = None
         self._task = asyncio.get_running_loop().create_task(
-            self._run(), name=f"grpc_leastconn health {name}"
+            self._run(), name=f"grpc_leastconn {name}"
         )
+
+    def _tell(self, value: Any) -> None:
+        if value is not None:
+            self._report(value)
 
     async def _run(self) -> None:
         policy = self._policy
         while not self._stopped.is_set():
             self._connection_lost.clear()
-            self._call = call = self._watch(policy.request, wait_for_ready=True)
+            self._call = call = self._open(policy.request)
             try:
-                async for response in call:
-                    self._on_health(policy.answered(response))
+                async for message in call:
+                    self._tell(policy.answered(message))
                 code = grpc.StatusCode.OK
             except grpc.RpcError as exc:
                 code = exc.code()
-                if code is not grpc.StatusCode.UNIMPLEMENTED and not self._stopped.is_set():
+                if (
+                    self._on_error is not None
+                    and code is not grpc.StatusCode.UNIMPLEMENTED
+                    and not self._stopped.is_set()
+                ):
                     # The connection's own words (Socket closed, ...), for the logs.
                     self._on_error(f"{code.name}: {exc.details()}")
             except asyncio.CancelledError:
@@ -69,12 +76,12 @@ class HealthWatcher:
             if self._stopped.is_set():
                 return
             end = policy.ended(code)
-            self._on_health(end.health)
+            self._tell(end.report)
             if end.retry_after is None:
                 await self._connection_lost.wait()
                 if self._stopped.is_set():
                     return
-                self._on_health(policy.reconnected())
+                self._tell(policy.reconnected())
             else:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(end.retry_after):
