@@ -229,11 +229,15 @@ class LeastConnPicker:
             buckets.append(self._new_bucket())
         return buckets[count]
 
+    def _level(self, node: Node) -> int:
+        """The bucket of a node: its load (stepped.py scales it by a weight's step)."""
+        return node.in_flight + node.extra
+
     def add(self, node: Node) -> None:
         """Make a node eligible, at the load it already has."""
         if node.in_picker:
             return
-        level = node.in_flight + node.extra
+        level = self._level(node)
         self._bucket(level).add(node)
         node.in_picker = True
         if self.size == 0 or level < self._lowest:
@@ -244,7 +248,7 @@ class LeastConnPicker:
         """Make a node ineligible; its count stays on the node."""
         if not node.in_picker:
             return
-        level = node.in_flight + node.extra
+        level = self._level(node)
         bucket = self._buckets[level]
         bucket.remove(node)
         node.in_picker = False
@@ -262,14 +266,13 @@ class LeastConnPicker:
 
     def set_extra(self, node: Node, extra: int) -> None:
         """Give the node ``extra`` load beyond its RPCs in flight (a whole number >= 0)."""
-        delta = extra - node.extra
-        if not delta:
+        if extra == node.extra:
             return
-        old = node.in_flight + node.extra
+        old = self._level(node)
         node.extra = extra
         if not node.in_picker:
             return
-        new = old + delta
+        new = self._level(node)
         bucket = self._buckets[old]
         bucket.remove(node)
         self._bucket(new).add(node)
@@ -344,9 +347,9 @@ class LeastConnPicker:
             return
         assert self.size == len(eligible), (self.size, len(eligible))
         for level, bucket in enumerate(self._buckets):
-            members = [node for node in eligible if node.in_flight + node.extra == level]
+            members = [node for node in eligible if self._level(node) == level]
             assert bucket.size == len(members), (level, bucket.size, members)
         for node in eligible:
             assert node.in_picker and node.in_flight >= 0 and node.extra >= 0, node
         if eligible:
-            assert self._lowest == min(node.in_flight + node.extra for node in eligible)
+            assert self._lowest == min(self._level(node) for node in eligible)

@@ -26,46 +26,11 @@ from .picker import LeastConnPicker, Node
 MAX_STEP: Final = 64
 
 
-def _level(node: Node) -> int:
-    return (node.in_flight + node.extra + 1) * node.step
-
-
 class SteppedPicker(LeastConnPicker):
     """Exact weighted least-load choice for weights of small whole ratios, in O(1)."""
 
-    def add(self, node: Node) -> None:
-        """Make a node eligible, at the load it already has."""
-        if node.in_picker:
-            return
-        level = _level(node)
-        self._bucket(level).add(node)
-        node.in_picker = True
-        if self.size == 0 or level < self._lowest:
-            self._lowest = level
-        self.size += 1
-
-    def remove(self, node: Node) -> None:
-        """Make a node ineligible; its count stays on the node."""
-        if not node.in_picker:
-            return
-        level = _level(node)
-        bucket = self._buckets[level]
-        bucket.remove(node)
-        node.in_picker = False
-        self.size -= 1
-        if bucket.size == 0 and level == self._lowest and self.size:
-            self._lowest = self._next_occupied(level)
-
-    def set_extra(self, node: Node, extra: int) -> None:
-        """Give the node ``extra`` load beyond its RPCs in flight (a whole number >= 0)."""
-        if extra == node.extra:
-            return
-        if not node.in_picker:
-            node.extra = extra
-            return
-        self.remove(node)
-        node.extra = extra
-        self.add(node)
+    def _level(self, node: Node) -> int:
+        return (node.in_flight + node.extra + 1) * node.step
 
     def pick(self, cost: int = 1000) -> Node | None:
         """The eligible node of lowest cost, now counting one more RPC."""
@@ -86,7 +51,7 @@ class SteppedPicker(LeastConnPicker):
         if count <= 0:
             raise RuntimeError("released more RPCs than were picked")
         if node.in_picker:
-            level = _level(node)
+            level = self._level(node)
             node.in_flight = count - 1
             buckets = self._buckets
             buckets[level].remove(node)
@@ -102,17 +67,6 @@ class SteppedPicker(LeastConnPicker):
 
     def check_invariants(self, eligible: Sequence[Node] | None = None) -> None:
         """Assert the bucket structure is consistent (for tests)."""
-        total = sum(bucket.size for bucket in self._buckets)
-        assert total == self.size, (total, self.size)
-        if self.size:
-            assert self._buckets[self._lowest].size > 0, "lowest bucket is empty"
-            assert all(bucket.size == 0 for bucket in self._buckets[: self._lowest])
-        if eligible is None:
-            return
-        assert self.size == len(eligible), (self.size, len(eligible))
-        for level, bucket in enumerate(self._buckets):
-            members = [node for node in eligible if _level(node) == level]
-            assert bucket.size == len(members), (level, bucket.size, members)
-        for node in eligible:
-            assert node.in_picker and node.in_flight >= 0 and node.extra >= 0, node
+        super().check_invariants(eligible)
+        for node in eligible or ():
             assert 1 <= node.step <= MAX_STEP, node
