@@ -14,8 +14,14 @@ more with metrics than without, SDK or not.
 
 Names follow the gRPC ecosystem where it has them (gRFC A94's
 ``grpc.subchannel.*``: a backend channel is this library's subchannel) and
-``grpc_leastconn.*`` for the rest. Every series carries ``grpc.target``;
-the per-backend ones also ``grpc_leastconn.backend`` (``host:port``). To
+``grpc_leastconn.*`` for the rest. Every series carries ``grpc.target``
+and ``grpc_leastconn.channel`` (the channel's number in this process, so
+two channels to one target stay apart); the per-backend ones also
+``grpc_leastconn.backend`` (``host:port``) and, for a backend still
+draining after its address came back, ``grpc_leastconn.backend.draining``.
+Connection attempts are counted from the backend channel's state changes:
+while C-core retries in TRANSIENT_FAILURE, its repeated attempts show no
+new state, and are not counted. To
 limit cardinality with many backends, drop that attribute with an SDK View,
 e.g. ``View(instrument_name="grpc_leastconn.backend.*",
 attribute_keys={"grpc.target"})``, which sums over backends.
@@ -27,6 +33,7 @@ one C-level step (``Balancer.snapshot``), never the balancer's live dicts.
 from __future__ import annotations
 
 import importlib.metadata
+import itertools
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +51,9 @@ except ImportError:  # pragma: no cover - the extra is not installed
 
 TARGET = "grpc.target"
 BACKEND = "grpc_leastconn.backend"
+# Two channels to one target in one process keep their series apart.
+CHANNEL = "grpc_leastconn.channel"
+DRAINING = "grpc_leastconn.backend.draining"
 
 
 # (kind, name, unit, description, what to observe): per channel (``channel``)
@@ -52,7 +62,7 @@ _Reading = Callable[["Balancer[Any]"], Iterable[tuple[float, dict[str, Any]]]]
 
 
 def _per_channel(value: Callable[[Balancer[Any]], float]) -> _Reading:
-    return lambda balancer: [(value(balancer), {TARGET: balancer.target})]
+    return lambda balancer: [(value(balancer), _labels(balancer))]
 
 
 def _per_backend(value: Callable[[Any, float], float]) -> _Reading:
@@ -61,7 +71,11 @@ def _per_backend(value: Callable[[Any, float], float]) -> _Reading:
     def read(balancer: Balancer[Any]) -> Iterator[tuple[float, dict[str, Any]]]:
         now = balancer.clock()
         for backend in balancer.snapshot():
-            yield value(backend, now), {TARGET: balancer.target, BACKEND: backend.key}
+            labels = {**_labels(balancer), BACKEND: backend.key}
+            if backend.removed:
+                # An address back before its old backend drained has two.
+                labels[DRAINING] = True
+            yield value(backend, now), labels
 
     return read
 
@@ -219,10 +233,18 @@ class _Registry:
         return observe
 
 
-# Registries by meter provider (by identity): instruments are made once per
-# provider, whatever the number of channels.
-_registries: dict[int, tuple[Any, _Registry]] = {}
+# Registries by meter provider: instruments are made once per provider,
+# whatever the number of channels; a provider dropped by the application
+# takes its registry with it.
+_registries: weakref.WeakKeyDictionary[Any, _Registry] = weakref.WeakKeyDictionary()
 _registries_lock = threading.Lock()
+# Channel numbers for the CHANNEL label, in the order channels are made.
+_channel_numbers = itertools.count(1)
+_numbered: weakref.WeakKeyDictionary[Any, int] = weakref.WeakKeyDictionary()
+
+
+def _labels(balancer: Balancer[Any]) -> dict[str, Any]:
+    return {TARGET: balancer.target, CHANNEL: _numbered.get(balancer, 0)}
 
 
 def observe(balancer: Balancer[Any], meter_provider: object) -> None:
@@ -231,11 +253,12 @@ def observe(balancer: Balancer[Any], meter_provider: object) -> None:
         return
     provider = otel_metrics.get_meter_provider() if meter_provider is None else meter_provider
     with _registries_lock:
-        known = _registries.get(id(provider))
-        if known is None or known[0] is not provider:
+        registry = _registries.get(provider)
+        if registry is None:
             meter = provider.get_meter("grpc_leastconn", _version())  # type: ignore[attr-defined]
-            known = _registries[id(provider)] = (provider, _Registry(meter))
-    known[1].add(balancer)
+            registry = _registries[provider] = _Registry(meter)
+        _numbered[balancer] = next(_channel_numbers)
+    registry.add(balancer)
 
 
 def _version() -> str:

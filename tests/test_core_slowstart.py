@@ -263,6 +263,25 @@ def test_releases_bring_the_ramp_up_to_date_without_refresh() -> None:
     balancer.check_invariants()
 
 
+def test_picks_alone_bring_the_ramp_up_to_date() -> None:
+    # Long streams: nothing ends for the whole window, yet the ramp must move,
+    # or the newcomer stays at its floor and never takes its share.
+    balancer, clock = ramping()
+    at(balancer, clock, T0 + WINDOW + 1)
+    back_at = clock.now
+    backend = restart(balancer, A1)
+    assert backend.weight == pytest.approx(0.1)
+    seen = []
+    for seconds in (1, 2.5, 5, 7.5, WINDOW + 0.1):
+        clock.now = back_at + seconds
+        assert balancer.pick(UNIT) is not None
+        seen.append(backend.weight)
+        assert_ramped(backend.weight, 1.0, seconds)
+    assert seen == sorted(seen) and seen[-1] == 1.0, seen
+    assert backend.released == 0
+    balancer.check_invariants()
+
+
 def share_of_picks(
     balancer: Balancer[object], in_flight: int = 30, cycles: int = 600
 ) -> Counter[str]:

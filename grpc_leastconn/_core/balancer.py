@@ -113,11 +113,8 @@ class Balancer(Generic[ChannelT]):
         self._on_release = (
             observer.on_release if observer is not None and observer.watches("on_release") else None
         )
-        # The eligible backend of lowest cost, now carrying one more RPC of
-        # the cost given (milli-calls), or None if none is eligible: the
-        # picker's own method, with no call of ours around it on the hot path
-        # unless someone observes.
-        self.pick: Callable[[int], Backend[ChannelT] | None] = (
+        # The picker's own method, or ours around it when someone observes.
+        self._pick: Callable[[int], Backend[ChannelT] | None] = (
             self._observed_pick
             if observer is not None and observer.watches("on_pick")
             else self._picker.pick  # type: ignore[assignment]
@@ -277,6 +274,20 @@ class Balancer(Generic[ChannelT]):
 
     # -- the hot path -------------------------------------------------------
 
+    def pick(self, cost: int = UNIT) -> Backend[ChannelT] | None:
+        """The eligible backend of lowest cost, now carrying one more RPC of
+        ``cost`` (milli-calls), or None if none is eligible.
+
+        Time-driven signals are brought up to date first when due: a ramp
+        or a decaying penalty must move under a workload of long streams
+        too, where no call ends for minutes. Nothing is due (one compare)
+        unless a backend ramps, carries a penalty or awaits a sweep.
+        """
+        signals = self._signals
+        if signals.due != math.inf and (now := self.clock()) >= signals.due:
+            self.refresh(now)
+        return self._pick(cost)
+
     def _observed_pick(self, cost: int = UNIT) -> Backend[ChannelT] | None:
         backend: Backend[ChannelT] | None = self._picker.pick(cost)  # type: ignore[assignment]
         if backend is not None:
@@ -361,7 +372,7 @@ class Balancer(Generic[ChannelT]):
     def pick_fresh(self, cost: int = UNIT) -> Backend[ChannelT] | None:
         """A pick after refresh(): for when ``pick`` found nobody (penalties may have decayed)."""
         self.refresh(self.clock())
-        return self.pick(cost)
+        return self._pick(cost)
 
     # -- timers ---------------------------------------------------------------
 
