@@ -137,7 +137,7 @@ class Core(Foundation[BackendChannel]):
     # -- hot path -------------------------------------------------------------
 
     def pick(
-        self, wait_for_ready: bool | None, deadline: float | None, cost: int
+        self, wait_for_ready: bool | None, deadline: float | None, cost: int = UNIT
     ) -> _Backend | None:
         """A backend for one RPC of ``cost`` (counted), None to wait, or raise how it ends."""
         backend = self._balancer.pick(cost) or self._balancer.pick_fresh(cost)
