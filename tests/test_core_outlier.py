@@ -744,7 +744,7 @@ def test_an_ejected_backends_running_calls_go_on() -> None:
     assert bad.calls_succeeded == 1  # judged at the next sweep
 
 
-def test_the_lazy_path_sweeps_on_the_first_release_once_the_interval_passed() -> None:
+def test_the_lazy_path_sweeps_on_the_first_pick_once_the_interval_passed() -> None:
     config = OutlierDetection(interval=10, failure_percentage_ejection=EAGER_FAILURES)
     balancer, backends, clock = balancer_with(5, config)
     bad, good = backends[0], backends[1]
@@ -754,19 +754,20 @@ def test_the_lazy_path_sweeps_on_the_first_release_once_the_interval_passed() ->
     assert bad.eligible
     assert (bad.calls_succeeded, bad.calls_failed) == (0, 4)
     clock.now = T0 + 10
-    call(balancer, good, OK)  # this release runs the sweep
+    call(balancer, good, OK)  # its pick runs the sweep; its release is the first counted
     balancer.check_invariants()
     assert bad.ejected_at == T0 + 10
     assert not bad.eligible
-    assert (bad.calls_failed, good.calls_succeeded) == (0, 0)
+    assert (bad.calls_failed, good.calls_succeeded) == (0, 1)
     # The next sweep is one interval after this one.
     call(balancer, good, OK)
     clock.now = T0 + 19.999
     call(balancer, good, OK)
-    assert good.calls_succeeded == 2
+    assert good.calls_succeeded == 3
     clock.now = T0 + 20
     call(balancer, good, OK)
-    assert good.calls_succeeded == 0
+    assert good.calls_succeeded == 1
+    balancer.check_invariants()
 
 
 def test_refresh_sweeps_only_when_the_interval_passed() -> None:
@@ -783,7 +784,7 @@ def test_refresh_sweeps_only_when_the_interval_passed() -> None:
     assert backends[3].calls_failed == 0
 
 
-def test_pick_fresh_runs_a_due_sweep_before_picking() -> None:
+def test_picks_run_a_due_sweep_first() -> None:
     config = OutlierDetection(
         interval=10, base_ejection_time=5, failure_percentage_ejection=EAGER_FAILURES
     )
@@ -793,8 +794,8 @@ def test_pick_fresh_runs_a_due_sweep_before_picking() -> None:
     assert balancer.pick_fresh() is None  # the sweep ejects the only backend
     assert only.ejected_at == T0 + 10
     clock.now = T0 + 20
-    assert balancer.pick() is None  # no sweep without a refresh
-    assert balancer.pick_fresh() is only
+    # A pick runs a due sweep first too: the ejection has ended.
+    assert balancer.pick() is only
     balancer.check_invariants()
 
 

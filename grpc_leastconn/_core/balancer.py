@@ -24,16 +24,18 @@ from typing import TYPE_CHECKING, Any, Generic
 import grpc
 
 from .backend import Backend, BackendState, ChannelT, Health
+from .choice import TwoChoices, make_picker
 from .counts import Counts
 from .failures import DEFAULT_FAILURE_CODES, decayed_penalty
 from .outlier import OutlierDetection
-from .picker import LeastConnPicker, Picker, TieBreak
+from .picker import Picker, TieBreak
+from .reachability import log_reachability
 from .server_load import trailer_in_flight
 from .signals import Signals
 from .slowstart import SlowStart
 from .stepped import SteppedPicker
 from .target import Address
-from .weighted import UNIT, WeightedPicker
+from .weighted import UNIT
 
 if TYPE_CHECKING:
     from .seams import Observer
@@ -79,18 +81,17 @@ class Balancer(Generic[ChannelT]):
         step_of: Callable[[Address], int] | None = None,
         slow_start: SlowStart | None = None,
         server_load: bool = False,
+        two_choices: bool | None = None,
     ) -> None:
         self.target = target
-        # The one cost (weighted.py): the O(1) bucket picker while every
-        # backend weighs the same and every call costs one; the O(1) stepped
-        # picker for weights of small whole ratios; else a heap over backends.
-        self._picker: Picker
-        if fractional_costs or slow_start is not None or (weighted and step_of is None):
-            self._picker = WeightedPicker(tie_break, rng)
-        elif weighted:
-            self._picker = SteppedPicker(tie_break, rng)
-        else:
-            self._picker = LeastConnPicker(tie_break, rng)
+        self._picker: Picker = make_picker(
+            tie_break,
+            rng,
+            weighted=weighted,
+            fractional_costs=fractional_costs,
+            slow_start=slow_start is not None,
+            stepped=step_of is not None,
+        )
         self._step_of = step_of if isinstance(self._picker, SteppedPicker) else None
         self._weight_of = weight_of
         self._observer = observer
@@ -113,11 +114,22 @@ class Balancer(Generic[ChannelT]):
         self._on_release = (
             observer.on_release if observer is not None and observer.watches("on_release") else None
         )
-        # The picker's own method, or ours around it when someone observes.
+        # Loads read from reports other clients read too: the better of two
+        # random backends, so they do not herd (choice.py); by default so
+        # exactly when server_load is on.
+        self._two_choices = (
+            TwoChoices(self._picker, rng or random.Random())
+            if (server_load if two_choices is None else two_choices)
+            else None
+        )
+        self._choose: Callable[[int], Backend[ChannelT] | None] = (
+            self._picker.pick if self._two_choices is None else self._two_choices.pick  # type: ignore[assignment]
+        )
+        # The choice itself, or ours around it when someone observes.
         self._pick: Callable[[int], Backend[ChannelT] | None] = (
             self._observed_pick
             if observer is not None and observer.watches("on_pick")
-            else self._picker.pick  # type: ignore[assignment]
+            else self._choose
         )
         self._backends: dict[Address, Backend[ChannelT]] = {}
         # Removed from the address set, with RPCs still running: no new picks.
@@ -134,7 +146,7 @@ class Balancer(Generic[ChannelT]):
         for address in [a for a in self._backends if a not in wanted]:
             backend = self._backends.pop(address)
             backend.removed = True
-            self._picker.remove(backend)
+            self._withdraw(backend)
             self._signals.forget(backend)
             if backend.in_flight:
                 if self._drain_timeout is not None:
@@ -171,39 +183,12 @@ class Balancer(Generic[ChannelT]):
             return False
         before, backend.connectivity = backend.connectivity, state
         log.debug("backend %s of %r is %s", backend.key, self.target, state.name)
-        self._count_connection(before, state)
-        self._log_reachability(backend, state)
+        self.counts.connection_changed(before, state)
+        log_reachability(backend, state, self.target, self.clock)
         if self._observer is not None:
             self._observer.on_connectivity(backend, state)
         self._place(backend)
         return True
-
-    def _log_reachability(
-        self, backend: Backend[ChannelT], state: grpc.ChannelConnectivity
-    ) -> None:
-        """For operators: once when a backend that was READY becomes unreachable, once back."""
-        if state is _Connectivity.READY:
-            backend.was_ready = True
-            if backend.unreachable_since is not None:
-                log.info(
-                    "backend %s of %r is reachable again after %.1f s",
-                    backend.key,
-                    self.target,
-                    self.clock() - backend.unreachable_since,
-                )
-                backend.unreachable_since = None
-        elif (
-            state is _Connectivity.TRANSIENT_FAILURE
-            and backend.was_ready
-            and backend.unreachable_since is None
-        ):
-            backend.unreachable_since = self.clock()
-            log.warning(
-                "backend %s of %r is unreachable (last error: %s)",
-                backend.key,
-                self.target,
-                backend.last_error or "none seen",
-            )
 
     def report_load(self, backend: Backend[ChannelT], in_flight: float) -> None:
         """The backend reported ``in_flight`` RPCs of all its clients (ORCA)."""
@@ -222,18 +207,6 @@ class Balancer(Generic[ChannelT]):
     def note_error(self, backend: Backend[ChannelT], error: str) -> None:
         """An error seen on the backend (a failed call, a broken Watch), for the logs."""
         backend.last_error = error
-
-    def _count_connection(
-        self, before: grpc.ChannelConnectivity, state: grpc.ChannelConnectivity
-    ) -> None:
-        """gRFC A94's connection attempts and disconnections, from two states in a row."""
-        counts = self.counts
-        if state is _Connectivity.READY:
-            counts.connection_attempts_succeeded += 1
-        elif before is _Connectivity.READY:
-            counts.disconnections += 1
-        elif state is _Connectivity.TRANSIENT_FAILURE:
-            counts.connection_attempts_failed += 1
 
     def set_health(self, backend: Backend[ChannelT], health: Health) -> bool:
         """Record a health report; True when it changed anything (as set_connectivity)."""
@@ -263,11 +236,21 @@ class Balancer(Generic[ChannelT]):
         """Keep the picker's members exactly the eligible backends."""
         if backend.eligible:
             if not backend.in_picker:
-                self._picker.add(backend)
+                self._admit(backend)
                 self._signals.joined(backend, self._eligible(), self.clock())
         elif backend.in_picker:
-            self._picker.remove(backend)
+            self._withdraw(backend)
             self._signals.left(backend)
+
+    def _admit(self, backend: Backend[ChannelT]) -> None:
+        self._picker.add(backend)
+        if self._two_choices is not None:
+            self._two_choices.add(backend)
+
+    def _withdraw(self, backend: Backend[ChannelT]) -> None:
+        self._picker.remove(backend)
+        if self._two_choices is not None:
+            self._two_choices.remove(backend)
 
     def _eligible(self) -> Iterator[Backend[ChannelT]]:
         return (backend for backend in self._backends.values() if backend.in_picker)
@@ -275,8 +258,9 @@ class Balancer(Generic[ChannelT]):
     # -- the hot path -------------------------------------------------------
 
     def pick(self, cost: int = UNIT) -> Backend[ChannelT] | None:
-        """The eligible backend of lowest cost, now carrying one more RPC of
-        ``cost`` (milli-calls), or None if none is eligible.
+        """The eligible backend of lowest cost (with two choices: the better
+        of two drawn at random), now carrying one more RPC of ``cost``
+        (milli-calls), or None if none is eligible.
 
         Time-driven signals are brought up to date first when due: a ramp
         or a decaying penalty must move under a workload of long streams
@@ -289,7 +273,7 @@ class Balancer(Generic[ChannelT]):
         return self._pick(cost)
 
     def _observed_pick(self, cost: int = UNIT) -> Backend[ChannelT] | None:
-        backend: Backend[ChannelT] | None = self._picker.pick(cost)  # type: ignore[assignment]
+        backend = self._choose(cost)
         if backend is not None:
             assert self._observer is not None
             self._observer.on_pick(backend)
@@ -300,14 +284,16 @@ class Balancer(Generic[ChannelT]):
     ) -> Backend[ChannelT] | None:
         """A pick that skips backends an RPC already failed to reach (a re-pick)."""
         self.counts.repicks += 1
+        # Before the excluded step aside: a refresh must see them as they are.
+        self.refresh_if_due()
         skipped = [backend for backend in excluded if backend.in_picker]
         for backend in skipped:
-            self._picker.remove(backend)
+            self._withdraw(backend)
         try:
-            return self.pick(cost)
+            return self._pick(cost)
         finally:
             for backend in skipped:
-                self._picker.add(backend)
+                self._admit(backend)
 
     def release(
         self,
@@ -358,6 +344,11 @@ class Balancer(Generic[ChannelT]):
         """Bring time-driven signals up to date: penalties, A50 sweeps, slow-start ramps."""
         for backend in self._signals.refresh(now, list(self._backends.values()), self._eligible()):
             self._place(backend)
+
+    def refresh_if_due(self) -> None:
+        """refresh() if some time-driven signal is due (pick and release inline this)."""
+        if self._signals.due != math.inf and (now := self.clock()) >= self._signals.due:
+            self.refresh(now)
 
     def seconds_until_due(self) -> float | None:
         """When a wait for a backend should look again: a penalty decays, a sweep is due.
@@ -427,6 +418,8 @@ class Balancer(Generic[ChannelT]):
         """Assert that every count and the picker agree (for tests)."""
         eligible = [b for b in self._backends.values() if b.eligible]
         self._picker.check_invariants(eligible)
+        if self._two_choices is not None:
+            self._two_choices.check_invariants(eligible)  # type: ignore[arg-type]
         for backend in (*self._backends.values(), *self._draining):
             assert backend.in_flight >= 0, backend
             assert backend.in_picker == backend.eligible, backend
@@ -475,7 +468,7 @@ class Balancer(Generic[ChannelT]):
         backends = [*self._backends.values(), *self._draining]
         for backend in backends:
             backend.removed = True
-            self._picker.remove(backend)
+            self._withdraw(backend)
             self._signals.forget(backend)
         self._backends.clear()
         self._draining.clear()

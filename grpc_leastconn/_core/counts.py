@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import grpc
+
+_READY = grpc.ChannelConnectivity.READY
+_TRANSIENT_FAILURE = grpc.ChannelConnectivity.TRANSIENT_FAILURE
+
 
 @dataclass(slots=True)
 class Counts:
@@ -22,3 +27,14 @@ class Counts:
     resolution_failures: int = 0
     repicks: int = 0
     fail_fast: int = 0
+
+    def connection_changed(
+        self, before: grpc.ChannelConnectivity, state: grpc.ChannelConnectivity
+    ) -> None:
+        """gRFC A94's connection attempts and disconnections, from two states in a row."""
+        if state is _READY:
+            self.connection_attempts_succeeded += 1
+        elif before is _READY:
+            self.disconnections += 1
+        elif state is _TRANSIENT_FAILURE:
+            self.connection_attempts_failed += 1

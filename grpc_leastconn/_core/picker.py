@@ -203,6 +203,10 @@ class Picker(Protocol):
 
     def set_weight(self, node: Node, weight: float) -> None: ...
 
+    def cost(self, node: Node) -> float: ...
+
+    def charge(self, node: Node, cost: int) -> None: ...
+
     def check_invariants(self, eligible: Sequence[Node] | None = None) -> None: ...
 
 
@@ -318,6 +322,16 @@ class LeastConnPicker:
     def set_weight(self, node: Node, weight: float) -> None:
         """Record the node's weight; with this picker every weight is equal (see Picker)."""
         node.weight = weight
+
+    def cost(self, node: Node) -> float:
+        """The order this picker keeps: a node of lower cost is picked first."""
+        return self._level(node)
+
+    def charge(self, node: Node, cost: int = 1000) -> None:
+        """Count one more RPC on an eligible node the caller chose (choice.py)."""
+        self.remove(node)
+        node.in_flight += 1
+        self.add(node)
 
     @property
     def lowest(self) -> int:

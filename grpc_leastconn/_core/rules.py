@@ -55,6 +55,7 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         step_of=None if settings.weights.steps is None else settings.weights.step_of,
         slow_start=settings.slow_start,
         server_load=settings.server_load,
+        two_choices=seams.two_choices,
     )
 
 

@@ -61,6 +61,9 @@ class Seams:
     clock: Any = time.monotonic
     """``() -> float`` seconds: drain deadlines and re-resolution timing."""
     observer: Observer | None = None
+    two_choices: bool | None = None
+    """Pick the better of two random backends (True) or the lowest (False);
+    None: two choices exactly when server_load is on (choice.py)."""
 
 
 DEFAULT_SEAMS = Seams()

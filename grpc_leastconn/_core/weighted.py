@@ -84,6 +84,13 @@ class WeightedPicker:
     def cost(node: Node) -> float:
         return (node.units + (node.extra + 1) * UNIT) / node.weight
 
+    def charge(self, node: Node, cost: int = UNIT) -> None:
+        """Count one more RPC of ``cost`` on an eligible node the caller chose (choice.py)."""
+        self.remove(node)
+        node.in_flight += 1
+        node.units += cost
+        self.add(node)
+
     def _enter(self, node: Node, tie: Callable[[float], float]) -> list[Any]:
         cost = (node.units + (node.extra + 1) * UNIT) / node.weight
         node.entry = entry = [cost, tie(cost), node]
