@@ -4,7 +4,8 @@
 that opens one backend channel per resolved address and sends every new RPC
 to the eligible backend with the fewest RPCs in flight; ``channel.backends()``
 shows each backend's state. ``grpc_leastconn.aio`` offers the same for
-``grpc.aio``.
+``grpc.aio``. On the server side, ``LoadReporter`` reports a backend's load
+(ORCA) to balancers that weigh backends by it.
 """
 
 from . import aio
@@ -12,6 +13,7 @@ from ._core.backend import BackendState, Health
 from ._core.failures import DEFAULT_FAILURE_CODES
 from ._core.outlier import FailurePercentageEjection, OutlierDetection, SuccessRateEjection
 from ._core.slowstart import SlowStart
+from ._reporter import LoadReporter
 from ._sync.channel import LeastConnChannel, insecure_channel, secure_channel
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "FailurePercentageEjection",
     "Health",
     "LeastConnChannel",
+    "LoadReporter",
     "OutlierDetection",
     "SlowStart",
     "SuccessRateEjection",

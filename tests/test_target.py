@@ -181,6 +181,7 @@ def test_public_surface_is_exact() -> None:
         "FailurePercentageEjection",
         "Health",
         "LeastConnChannel",
+        "LoadReporter",
         "OutlierDetection",
         "SlowStart",
         "SuccessRateEjection",
