@@ -9,7 +9,12 @@ the server side::
     backend.servicer.wait_until(lambda s: s.live == 0, timeout=1.0)
     backend.stop()
 
-As a CLI it runs several backends in one process::
+With ``load_reporter=grpc_leastconn.LoadReporter()`` a backend reports its
+in-flight RPCs and load (ORCA) per call and out of band, for clients with
+``server_load=True`` and for gRPC's own ``weighted_round_robin``.
+
+As a CLI it runs several backends in one process, each reporting its load
+(unless ``--no-report-load``, or without the ``orca`` extra)::
 
     python examples/server.py --port 50051 --port 50052 --table
     python examples/server.py --count 3 --base-port 50051
@@ -37,6 +42,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import HealthServicer
+
+import grpc_leastconn
 
 # The generated modules import each other as top-level modules, so this
 # directory has to be importable however this file was loaded.
@@ -406,6 +413,8 @@ class Backend:
     servicer: ConferenceServicer
     health: HealthServicer | None
     executor: ThreadPoolExecutor = field(repr=False)
+    # The backend's ORCA load reporter, when it was started with one.
+    reporter: grpc_leastconn.LoadReporter | None = None
 
     @property
     def name(self) -> str:
@@ -469,6 +478,7 @@ def start_backend(
     *,
     options: Sequence[tuple[str, Any]] = (),
     observe_authority: bool = True,
+    load_reporter: grpc_leastconn.LoadReporter | None = None,
 ) -> Backend:
     """Start a ``conference.Conference`` backend listening on ``host:port``.
 
@@ -476,7 +486,9 @@ def start_backend(
     is what the backend reports in its replies. Every handler occupies one of
     the ``max_workers`` threads for its whole duration, so open streams beyond
     that number queue. With ``health`` a ``grpc.health.v1.Health`` service
-    reports SERVING for "" and ``conference.Conference``.
+    reports SERVING for "" and ``conference.Conference``. With
+    ``load_reporter`` every call is counted and reported (ORCA), and the
+    server serves the out-of-band report stream.
 
     Raises :class:`BackendBindError` if the address cannot be bound.
     """
@@ -484,7 +496,8 @@ def start_backend(
     # port silently shares it instead of failing.
     server_options = [("grpc.so_reuseport", 0), *options]
     executor = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="conference")
-    server = grpc.server(executor, options=server_options)
+    interceptors = [] if load_reporter is None else [load_reporter.interceptor()]
+    server = grpc.server(executor, options=server_options, interceptors=interceptors)
     bind_address = _format_address(host, port)
     try:
         if server_credentials is None:
@@ -511,6 +524,8 @@ def start_backend(
     if health:
         health_servicer = _make_health_servicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    if load_reporter is not None:
+        load_reporter.add_to_server(server)
 
     server.start()
     return Backend(
@@ -520,6 +535,7 @@ def start_backend(
         servicer=servicer,
         health=health_servicer,
         executor=executor,
+        reporter=load_reporter,
     )
 
 
@@ -563,6 +579,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--max-workers", type=int, default=64, help="handler threads per backend")
     parser.add_argument("--no-health", action="store_true", help="do not serve grpc.health.v1")
+    parser.add_argument(
+        "--no-report-load", action="store_true", help="do not report load (ORCA) to clients"
+    )
     args = parser.parse_args(argv)
     if args.port and args.count is not None:
         parser.error("use either --port or --count, not both")
@@ -592,14 +611,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
 
     backends: list[Backend] = []
+    report_load = not args.no_report_load
     try:
         for port in args.ports:
+            reporter = None
+            if report_load:
+                try:
+                    reporter = grpc_leastconn.LoadReporter()
+                except ImportError as exc:
+                    print(f"warning: not reporting load: {exc}", file=sys.stderr)
+                    report_load = False
             backends.append(
                 start_backend(
                     host=args.host,
                     port=port,
                     health=not args.no_health,
                     max_workers=args.max_workers,
+                    load_reporter=reporter,
                 )
             )
     except BackendBindError as exc:
