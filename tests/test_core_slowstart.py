@@ -282,6 +282,18 @@ def test_picks_alone_bring_the_ramp_up_to_date() -> None:
     balancer.check_invariants()
 
 
+def test_states_show_the_ramp_now_without_any_call() -> None:
+    balancer, clock = ramping()
+    at(balancer, clock, T0 + WINDOW + 1)
+    back_at = clock.now
+    restart(balancer, A1)
+    clock.now = back_at + 5
+    # Neither a pick nor a release since the rejoin: the view itself catches up.
+    assert weights(balancer)[str(A1)] == pytest.approx(0.5)
+    clock.now = back_at + WINDOW
+    assert weights(balancer)[str(A1)] == 1.0
+
+
 def share_of_picks(
     balancer: Balancer[object], in_flight: int = 30, cycles: int = 600
 ) -> Counter[str]:

@@ -410,7 +410,12 @@ class Balancer(Generic[ChannelT]):
         return (*self._backends.values(), *self._draining)
 
     def states(self) -> tuple[BackendState, ...]:
-        """Every backend, the current set's first, then those draining."""
+        """Every backend, the current set's first, then those draining.
+
+        Time-driven signals are brought up to date first, as a pick would:
+        a ramping weight shows its value now, not at the last pick.
+        """
+        self.refresh_if_due()
         now = self.clock()
         return tuple(b.state(decayed_penalty(b, now)) for b in self.snapshot())
 

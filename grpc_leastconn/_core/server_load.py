@@ -13,8 +13,10 @@ which grpcio does not show its clients, and the same report as
 
 so this channel's own picks count at once and other clients' within one
 report. ``others`` enters the picker as whole calls of ``extra`` load, next
-to the failure penalty. A report older than ``STALE_AFTER_S`` expires:
-the backend is judged by local counts again (logged). A backend that does
+to the failure penalty. A report expires when none followed it for
+``STALE_AFTER_S`` or three of the backend's own gaps between reports,
+whichever is longer (grpc-go's ORCA service, for one, sends at most one
+report every 30 s): the backend is judged by local counts again (logged). A backend that does
 not serve the report stream (UNIMPLEMENTED) is judged by its trailers, or by
 local counts, and that is logged once.
 """
@@ -46,8 +48,10 @@ OOB_METHOD: Final = "/xds.service.orca.v3.OpenRcaService/StreamCoreMetrics"
 # Asked of the out-of-band stream; servers floor it (grpc_leastconn's
 # reporter at its min_report_interval).
 REPORT_INTERVAL_S: Final = 1.0
-# A report this old no longer says anything: local counts serve again.
+# A report this old no longer says anything: local counts serve again...
 STALE_AFTER_S: Final = 5.0
+# ... unless the backend reports less often: then this many of its gaps.
+STALE_AFTER_GAPS: Final = 3.0
 _INSTALL_HINT = "server_load needs the ORCA messages: pip install 'grpc-leastconn[orca]'"
 
 
@@ -122,7 +126,7 @@ class ReportPolicy:
 class ServerLoad:
     """What the backends of one channel report of their load."""
 
-    __slots__ = ("_clock", "_set_extra", "_target", "refresh_at", "reporting")
+    __slots__ = ("_clock", "_expires", "_set_extra", "_target", "refresh_at", "reporting")
 
     def __init__(
         self,
@@ -137,18 +141,23 @@ class ServerLoad:
         self._set_extra = set_extra
         # Backends whose report counts now -> when it came.
         self.reporting: dict[Backend[Any], float] = {}
+        # ... -> when it expires (see the module's docstring).
+        self._expires: dict[Backend[Any], float] = {}
         self.refresh_at = math.inf
 
     def reported(self, backend: Backend[Any], in_flight: float, ours: int) -> None:
         """A report of ``in_flight`` RPCs, while this channel had ``ours`` there."""
         now = self._clock()
         others = max(0, round(in_flight) - ours)
-        if backend not in self.reporting:
+        last = self.reporting.get(backend)
+        if last is None:
             if backend.load_reports_stale:
                 log.info("backend %s of %r reports its load again", backend.key, self._target)
             backend.load_reports_stale = False
-            self.refresh_at = min(self.refresh_at, now + STALE_AFTER_S)
+        gap = 0.0 if last is None else now - last
         self.reporting[backend] = now
+        self._expires[backend] = expires = now + max(STALE_AFTER_S, STALE_AFTER_GAPS * gap)
+        self.refresh_at = min(self.refresh_at, expires)
         if others != backend.others:
             backend.others = others
             self._set_extra(backend)
@@ -166,25 +175,26 @@ class ServerLoad:
 
     def forget(self, backend: Backend[Any]) -> None:
         self.reporting.pop(backend, None)
+        self._expires.pop(backend, None)
         backend.others = 0
 
     def refresh(self, now: float) -> None:
-        """Expire stale reports (called at most every STALE_AFTER_S while any count)."""
-        for backend, at in list(self.reporting.items()):
-            if now - at >= STALE_AFTER_S:
-                del self.reporting[backend]
+        """Expire stale reports (called when the first of them is due, see refresh_at)."""
+        for backend, expires in list(self._expires.items()):
+            if now >= expires:
+                at = self.reporting.pop(backend)
+                del self._expires[backend]
                 backend.load_reports_stale = True
                 log.info(
-                    "backend %s of %r: no load report for %g s, judged by local counts",
+                    "backend %s of %r: no load report for %.1f s, judged by local counts",
                     backend.key,
                     self._target,
-                    STALE_AFTER_S,
+                    now - at,
                 )
                 if backend.others:
                     backend.others = 0
                     self._set_extra(backend)
-        oldest = min(self.reporting.values(), default=None)
-        self.refresh_at = math.inf if oldest is None else oldest + STALE_AFTER_S
+        self.refresh_at = min(self._expires.values(), default=math.inf)
 
 
 def load_watch(backoff: Backoff, report: Callable[[Any], None]) -> WatchSpec:
