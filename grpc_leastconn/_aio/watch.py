@@ -40,6 +40,9 @@ class StreamWatcher:
         # Set when the backend channel leaves READY: the connection the last
         # stream ran on is gone.
         self._connection_lost = asyncio.Event()
+        # Set when it becomes READY again: a stream waiting out its backoff
+        # is opened at once on the new connection (and on stop()).
+        self._reconnected = asyncio.Event()
         self._call: Any = None
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name=f"grpc_leastconn {name}"
@@ -53,6 +56,7 @@ class StreamWatcher:
         policy = self._policy
         while not self._stopped.is_set():
             self._connection_lost.clear()
+            self._reconnected.clear()
             self._call = call = self._open(policy.request)
             try:
                 async for message in call:
@@ -85,16 +89,23 @@ class StreamWatcher:
             else:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(end.retry_after):
-                        await self._stopped.wait()
+                        await self._reconnected.wait()
+                if self._stopped.is_set():
+                    return
+                if self._reconnected.is_set():
+                    self._tell(policy.reconnected())
 
     def connectivity_changed(self, state: grpc.ChannelConnectivity) -> None:
-        if state is not grpc.ChannelConnectivity.READY:
+        if state is grpc.ChannelConnectivity.READY:
+            self._reconnected.set()
+        else:
             self._connection_lost.set()
 
     def stop(self) -> None:
         """End the watch; the task returns at once (see BackendChannel.close)."""
         self._stopped.set()
         self._connection_lost.set()
+        self._reconnected.set()
         if self._call is not None:
             self._call.cancel()
 

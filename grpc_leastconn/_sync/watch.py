@@ -41,6 +41,9 @@ class StreamWatcher:
         # Set when the backend channel leaves READY: the connection the last
         # stream ran on is gone.
         self._connection_lost = threading.Event()
+        # Set when it becomes READY again: a stream waiting out its backoff
+        # is opened at once on the new connection (and on stop()).
+        self._reconnected = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"grpc_leastconn {name}", daemon=True
         )
@@ -57,6 +60,7 @@ class StreamWatcher:
                 if self._stopped.is_set():
                     return
                 self._connection_lost.clear()
+                self._reconnected.clear()
                 self._call = call = self._open(policy.request)
             try:
                 for message in call:
@@ -80,17 +84,22 @@ class StreamWatcher:
                 if self._stopped.is_set():
                     return
                 self._tell(policy.reconnected())
-            elif self._stopped.wait(end.retry_after):
-                return
+            elif self._reconnected.wait(end.retry_after):
+                if self._stopped.is_set():
+                    return
+                self._tell(policy.reconnected())
 
     def connectivity_changed(self, state: grpc.ChannelConnectivity) -> None:
-        if state is not grpc.ChannelConnectivity.READY:
+        if state is grpc.ChannelConnectivity.READY:
+            self._reconnected.set()
+        else:
             self._connection_lost.set()
 
     def stop(self) -> None:
         with self._lock:
             self._stopped.set()
             self._connection_lost.set()
+            self._reconnected.set()
             call = self._call
         # A wrapped backend channel (an interceptor's) may hand back a plain
         # iterator with no cancel(); closing the backend channel, which
