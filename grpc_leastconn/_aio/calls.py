@@ -103,6 +103,9 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     _ending: asyncio.Future[None] | None = None
     # Backends this RPC never reached; built at the first re-pick.
     _failed: list[_Backend] | None = None
+    # The first attempt's backend and call, released while a coroutine
+    # awaited it: the awaiter judges how it ended (see _release_first).
+    _unjudged: tuple[_Backend, Any] | None = None
     _done_callbacks: list[Callable[[Any], None]] | None = None
 
     @property
@@ -132,6 +135,23 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
             await asyncio.shield(self._ending)
         return self.call
 
+    def _release_first(self, backend: _Backend, call: Any) -> None:
+        core = self._core
+        if self._awaiting and not core.reads_load:
+            # Its awaiter resumes with the response or the error: the outcome
+            # is judged there, for free, rather than read from the call here
+            # (the first read of a grpc.aio call's status costs microseconds).
+            core.release(backend, None, self._cost)
+            self._unjudged = (backend, call)
+        else:
+            core.release_call(backend, call, self._cost)
+
+    def _judge(self, call: Any, error: grpc.aio.AioRpcError | None) -> None:
+        unjudged = self._unjudged
+        if unjudged is not None and unjudged[1] is call:
+            self._unjudged = None
+            self._core.judge(unjudged[0], error)
+
     def __await__(self) -> Generator[Any, None, Any]:
         self._awaiting += 1
         try:
@@ -142,6 +162,7 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                 try:
                     response = yield from call.__await__()
                 except grpc.aio.AioRpcError as error:
+                    self._judge(call, error)
                     if self.call is not call:
                         continue  # Another awaiter re-picked it.
                     backend = self.backend
@@ -153,6 +174,7 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                         self._finish()
                         raise
                 else:
+                    self._judge(call, None)
                     self._finish()
                     return response
                 failed.append(backend)
@@ -160,9 +182,15 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                 self.repick(failed)
         finally:
             self._awaiting -= 1
-            if not self._awaiting and self.stage not in _DONE and self.finished():
-                # Its awaiter gave up on an attempt that ended meanwhile.
-                self._finish()
+            if not self._awaiting:
+                unjudged = self._unjudged
+                if unjudged is not None:
+                    # Its awaiters gave up before seeing how the attempt ended.
+                    self._unjudged = None
+                    self._core.judge_call(*unjudged)
+                if self.stage not in _DONE and self.finished():
+                    # Its awaiter gave up on an attempt that ended meanwhile.
+                    self._finish()
 
     def cancel(self) -> bool:
         if self.stage in _DONE or not self.cancel_rpc():

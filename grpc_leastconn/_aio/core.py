@@ -19,7 +19,7 @@ from .._core.backend import Backend, Health
 from .._core.foundation import Foundation
 from .._core.maintenance import Step
 from .._core.resolver import Resolution
-from .._core.rules import Report, no_backend, outcome
+from .._core.rules import Outcome, Report, no_backend, outcome
 from .._core.seams import Seams
 from .._core.settings import Settings
 from .._core.target import Address
@@ -36,6 +36,7 @@ _T = TypeVar("_T")
 Interceptors = Sequence[grpc.aio.ClientInterceptor] | None
 
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
+_OK = grpc.StatusCode.OK
 # grpc.aio's own words for this case, so callers see the same text.
 CLOSED_DETAILS = "Channel is closed."
 
@@ -187,12 +188,27 @@ class Core(Foundation[BackendChannel]):
 
     def release_call(self, backend: _Backend, call: Any, cost: int = UNIT) -> None:
         """A call's done callback: release with the call's status."""
-        code = settled(call.code)
-        error = None
-        if code is not None:
-            code, error = outcome(code, lambda: settled(call.details), backend)
+        code, error = self._outcome_of(backend, call)
         trailers = settled(call.trailing_metadata) if self.reads_load else None
         self.release(backend, code, cost, error, trailers)
+
+    def _outcome_of(self, backend: _Backend, call: Any) -> Outcome:
+        code = settled(call.code)
+        if code is None:
+            return None, None
+        return outcome(code, lambda: settled(call.details), backend)
+
+    def judge(self, backend: _Backend, error: grpc.aio.AioRpcError | None) -> None:
+        """How an awaited call released before its status was read ended: its response
+        (``error`` None) or its error, as its awaiter saw it."""
+        if error is None:
+            self._balancer.judge(backend, _OK)
+        else:
+            self._balancer.judge(backend, *outcome(error.code(), error.details, backend))
+
+    def judge_call(self, backend: _Backend, call: Any) -> None:
+        """As judge(), from the call's own status (its awaiter gave up before seeing it)."""
+        self._balancer.judge(backend, *self._outcome_of(backend, call))
 
     # -- events ---------------------------------------------------------------
 

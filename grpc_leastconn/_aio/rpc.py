@@ -263,11 +263,15 @@ class Rpc:
     def _first_attempt_ended(self, call: Any) -> None:
         backend, self._first_backend = self._first_backend, None
         if backend is not None:
-            self._core.release_call(backend, call, self._cost)
+            self._release_first(backend, call)
         # While a coroutine awaits the call, it decides whether this attempt
         # was the last: it resumes, whatever the attempt's end.
         if not self._awaiting:
             self._attempt_ended(call)
+
+    def _release_first(self, backend: _Backend, call: Any) -> None:
+        """Release the first attempt with its status (UnaryUnaryCall may judge it later)."""
+        self._core.release_call(backend, call, self._cost)
 
     def _attempt_ended(self, call: Any) -> None:
         """An attempt ended while nobody awaits (or, with None, the RPC ended early)."""

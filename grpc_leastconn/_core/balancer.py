@@ -321,6 +321,26 @@ class Balancer(Generic[ChannelT]):
                 self._signals.reported(backend, in_flight)
         self._picker.release(backend, cost)
         backend.released += 1
+        if code is not None or error is not None:
+            self.judge(backend, code, error)
+        signals = self._signals
+        if signals.due != math.inf and (now := self.clock()) >= signals.due:
+            self.refresh(now)
+        if backend.removed and backend.in_flight == 0 and backend in self._draining:
+            del self._draining[backend]
+            log.info("backend %s of %r drained", backend.key, self.target)
+            return True
+        return False
+
+    def judge(
+        self, backend: Backend[ChannelT], code: grpc.StatusCode | None, error: str | None = None
+    ) -> None:
+        """What the end of one of its RPCs says of ``backend``: the failure signals.
+
+        release() judges when given the code; a front end that learns the
+        code only later (an awaited asyncio call) releases without it and
+        judges here, once per RPC.
+        """
         signals = self._signals
         if code is not None and not backend.removed:
             if code is _OK:
@@ -332,13 +352,6 @@ class Balancer(Generic[ChannelT]):
                 signals.judge(backend, code)
         if error is not None and (code is None or code in signals.failure_codes):
             backend.last_error = error
-        if signals.due != math.inf and (now := self.clock()) >= signals.due:
-            self.refresh(now)
-        if backend.removed and backend.in_flight == 0 and backend in self._draining:
-            del self._draining[backend]
-            log.info("backend %s of %r drained", backend.key, self.target)
-            return True
-        return False
 
     def refresh(self, now: float) -> None:
         """Bring time-driven signals up to date: penalties, A50 sweeps, slow-start ramps."""
