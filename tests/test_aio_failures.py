@@ -160,7 +160,9 @@ def test_outlier_detection_ejects_a_failing_backend_then_returns_it(
     sick = servers[0]
     detection = grpc_leastconn.OutlierDetection(
         interval=0.3,
-        base_ejection_time=1.0,
+        # Longer than the check below takes on a loaded machine (200 calls
+        # took 1.9 s once): the backend must still be out when it ends.
+        base_ejection_time=4.0,
         failure_percentage_ejection=grpc_leastconn.FailurePercentageEjection(
             minimum_hosts=4, request_volume=10
         ),
@@ -181,7 +183,7 @@ def test_outlier_detection_ejects_a_failing_backend_then_returns_it(
             state = state_of(channel, sick.address)
             assert state.ejected and not state.eligible and state.connectivity is READY
             started = sick.servicer.started
-            tally = await closed_loop_aio(stub, in_flight=4, calls=200)
+            tally = await closed_loop_aio(stub, in_flight=4, calls=100)
             assert tally.calls_to(sick.address) == 0
             assert sick.servicer.started == started
             sick.servicer.fail_calls(None)

@@ -174,7 +174,11 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
                         self._finish()
                         raise
                 else:
-                    self._judge(call, None)
+                    # _judge(call, None), inline: this is every awaited call.
+                    unjudged = self._unjudged
+                    if unjudged is not None and unjudged[1] is call:
+                        self._unjudged = None
+                        self._core.succeeded(unjudged[0])
                     self._finish()
                     return response
                 failed.append(backend)

@@ -36,7 +36,6 @@ _T = TypeVar("_T")
 Interceptors = Sequence[grpc.aio.ClientInterceptor] | None
 
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
-_OK = grpc.StatusCode.OK
 # grpc.aio's own words for this case, so callers see the same text.
 CLOSED_DETAILS = "Channel is closed."
 
@@ -78,6 +77,8 @@ class Core(Foundation[BackendChannel]):
         self._interceptors = interceptors
         # The hot path's pick: a backend, counted, or None (see ``pick``).
         self.pick_now = self._balancer.pick
+        # An awaited call's success, judged by its awaiter (calls.py).
+        self.succeeded = self._balancer.succeeded
         # Replaced on every change that could make a backend eligible or
         # change the aggregate state, and on close: whoever waits on the old
         # one looks again.
@@ -202,7 +203,7 @@ class Core(Foundation[BackendChannel]):
         """How an awaited call released before its status was read ended: its response
         (``error`` None) or its error, as its awaiter saw it."""
         if error is None:
-            self._balancer.judge(backend, _OK)
+            self._balancer.succeeded(backend)
         else:
             self._balancer.judge(backend, *outcome(error.code(), error.details, backend))
 

@@ -258,14 +258,11 @@ class Balancer(Generic[ChannelT]):
     # -- the hot path -------------------------------------------------------
 
     def pick(self, cost: int = UNIT) -> Backend[ChannelT] | None:
-        """The eligible backend of lowest cost (with two choices: the better
-        of two drawn at random), now carrying one more RPC of ``cost``
-        (milli-calls), or None if none is eligible.
+        """The eligible backend of lowest cost (or the better of two random
+        ones), now carrying one more RPC of ``cost`` (milli-calls), or None.
 
-        Time-driven signals are brought up to date first when due: a ramp
-        or a decaying penalty must move under a workload of long streams
-        too, where no call ends for minutes. Nothing is due (one compare)
-        unless a backend ramps, carries a penalty or awaits a sweep.
+        Time-driven signals catch up first when due: ramps and decays must
+        move under long streams too, where no call ends for minutes.
         """
         signals = self._signals
         if signals.due != math.inf and (now := self.clock()) >= signals.due:
@@ -321,7 +318,9 @@ class Balancer(Generic[ChannelT]):
                 self._signals.reported(backend, in_flight)
         self._picker.release(backend, cost)
         backend.released += 1
-        if code is not None or error is not None:
+        if code is _OK:
+            self.succeeded(backend)
+        elif code is not None or error is not None:
             self.judge(backend, code, error)
         signals = self._signals
         if signals.due != math.inf and (now := self.clock()) >= signals.due:
@@ -337,21 +336,24 @@ class Balancer(Generic[ChannelT]):
     ) -> None:
         """What the end of one of its RPCs says of ``backend``: the failure signals.
 
-        release() judges when given the code; a front end that learns the
-        code only later (an awaited asyncio call) releases without it and
-        judges here, once per RPC.
+        release() judges when given the code; an awaited asyncio call is
+        released without it and judged here once its awaiter knows.
         """
+        if code is _OK:
+            self.succeeded(backend)
+            return
         signals = self._signals
         if code is not None and not backend.removed:
-            if code is _OK:
-                # The hot path: a success, usually of a backend with no penalty.
-                if backend.penalty:
-                    signals.succeeded(backend)
-                backend.calls_succeeded += 1
-            else:
-                signals.judge(backend, code)
+            signals.judge(backend, code)
         if error is not None and (code is None or code in signals.failure_codes):
             backend.last_error = error
+
+    def succeeded(self, backend: Backend[ChannelT]) -> None:
+        """judge(backend, OK): the hot path, usually a backend with no penalty."""
+        if not backend.removed:
+            if backend.penalty:
+                self._signals.succeeded(backend)
+            backend.calls_succeeded += 1
 
     def refresh(self, now: float) -> None:
         """Bring time-driven signals up to date: penalties, A50 sweeps, slow-start ramps."""
