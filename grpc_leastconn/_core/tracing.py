@@ -6,8 +6,11 @@ serializes the request of the call it traces. Each backend's inner
 multicallable serializes through ``traced``, which sets the semantic
 conventions' ``server.address`` and ``server.port`` on that span: the
 backend this call went to. Nothing is wrapped when OpenTelemetry is not
-installed; with it, a call whose current span is not its own RPC's (no
-tracing, or an application span) is left alone.
+installed, or when no tracer provider is set yet as a backend's first call
+of a method is made (its spans could not record: a look at the current
+span on every call would be spent for nothing); with one, a call whose
+current span is not its own RPC's (no tracing, or an application span) is
+left alone.
 """
 
 from __future__ import annotations
@@ -27,7 +30,9 @@ Serializer = Callable[[Any], bytes] | None
 
 def traced(serializer: Serializer, method: str, address: Address) -> Serializer:
     """``serializer``, tagging the current span of ``method`` with ``address``."""
-    if trace is None:
+    if trace is None or isinstance(
+        trace.get_tracer_provider(), trace.ProxyTracerProvider | trace.NoOpTracerProvider
+    ):
         return serializer
     current_span = trace.get_current_span
     host, port = address.host, address.port
