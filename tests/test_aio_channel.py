@@ -68,6 +68,7 @@ def test_public_surface() -> None:
         assert set(typing.get_type_hints(tuning)) == {
             "tie_break",
             "health_check_service",
+            "health_checker",
             "resolve_min_interval",
             "resolve_max_interval",
             "drain_timeout",

@@ -126,6 +126,22 @@ def test_new_addresses_start_idle_with_the_initial_health(
     assert balancer.pick() is None
 
 
+def test_health_checked_by_the_backend_channel_lets_connectivity_decide() -> None:
+    balancer: Balancer[object] = Balancer(TARGET, initial_health=Health.CHANNEL)
+    (backend,) = balancer.set_addresses([A1]).added
+    assert backend.health is Health.CHANNEL
+    assert backend.starting and not backend.eligible
+    balancer.set_connectivity(backend, READY)
+    assert backend.eligible
+    assert balancer.pick() is backend
+    balancer.release(backend)
+    # Not serving, as C-core's health checking reports it: out, not "starting".
+    balancer.set_connectivity(backend, TRANSIENT_FAILURE)
+    assert not backend.eligible and not balancer.starting
+    assert backend.problem() == "TRANSIENT_FAILURE"
+    balancer.check_invariants()
+
+
 @pytest.mark.parametrize("connectivity", list(Connectivity), ids=lambda c: c.name)
 @pytest.mark.parametrize("health", list(Health), ids=lambda h: h.value)
 def test_eligible_needs_ready_and_a_health_that_may_serve(
@@ -139,6 +155,7 @@ def test_eligible_needs_ready_and_a_health_that_may_serve(
         Health.DISABLED,
         Health.SERVING,
         Health.UNIMPLEMENTED,
+        Health.CHANNEL,
     )
     assert backend.eligible is expected
     assert balancer.has_eligible is expected

@@ -153,6 +153,8 @@ MAY_SERVE = {
     Health.SERVICE_UNKNOWN: False,
     Health.UNKNOWN: False,
     Health.UNIMPLEMENTED: True,
+    # The backend channel checks: its connectivity (READY) decides.
+    Health.CHANNEL: True,
 }
 
 

@@ -38,13 +38,17 @@ class Health(StrEnum):
     UNKNOWN = "UNKNOWN"
     # gRFC A17: a server without the health service is treated as healthy.
     UNIMPLEMENTED = "UNIMPLEMENTED"
+    # health_checker="grpc": the backend channel checks (C-core's client-side
+    # health checking), and tells only through its connectivity: READY means
+    # serving; not READY may be unreachable or not serving, it cannot say which.
+    CHANNEL = "CHANNEL"
 
     @property
     def may_serve(self) -> bool:
         return self in _MAY_SERVE
 
 
-_MAY_SERVE = frozenset({Health.DISABLED, Health.SERVING, Health.UNIMPLEMENTED})
+_MAY_SERVE = frozenset({Health.DISABLED, Health.SERVING, Health.UNIMPLEMENTED, Health.CHANNEL})
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +68,8 @@ class BackendState:
     connectivity: grpc.ChannelConnectivity
     """The state of the backend's own connection."""
     health: Health
-    """What its grpc.health.v1 Watch says (``DISABLED`` when checking is off)."""
+    """What its grpc.health.v1 Watch says (``DISABLED`` when checking is off,
+    ``CHANNEL`` when its backend channel checks: ``connectivity`` READY means serving)."""
     draining: bool
     """It left the address set; its running calls go on to their end."""
     eligible: bool

@@ -24,6 +24,7 @@ Option = tuple[str, Any]
 # that least-connection will never send to a backend that is not READY.
 _BACKEND_POLICY: list[dict[str, Any]] = [{"round_robin": {}}]
 _BACKEND_SERVICE_CONFIG = json.dumps({"loadBalancingConfig": _BACKEND_POLICY})
+_HEALTH_CHECK_CONFIG = "healthCheckConfig"
 # Reconnect within seconds of a backend's return; gRPC's default backoff
 # ceiling is 120 s.
 _MAX_RECONNECT_BACKOFF_MS = 10_000
@@ -44,14 +45,29 @@ def backend_channel_spec(
     options: Sequence[Option],
     credentials: grpc.ChannelCredentials | None,
     compression: grpc.Compression | None,
+    health_check_service: str | None = None,
 ) -> BackendChannelSpec:
     return BackendChannelSpec(
-        address.channel_target(), channel_options(options, address), credentials, compression
+        address.channel_target(),
+        channel_options(options, address, health_check_service),
+        credentials,
+        compression,
     )
 
 
-def channel_options(options: Sequence[Option] | None, address: Address) -> tuple[Option, ...]:
-    """The user's channel options plus what each backend channel needs."""
+def channel_options(
+    options: Sequence[Option] | None,
+    address: Address,
+    health_check_service: str | None = None,
+) -> tuple[Option, ...]:
+    """The user's channel options plus what each backend channel needs.
+
+    ``health_check_service`` (health_checker="grpc"): the backend channel
+    checks that grpc.health.v1 service itself, C-core's client-side health
+    checking (``healthCheckConfig`` in its service config, which the
+    round_robin policy honours); its connectivity is then READY only while
+    the backend serves.
+    """
     merged = list(options or ())
     given = {name for name, _ in merged}
     # C-core shares connections between channels with equal arguments through
@@ -68,7 +84,22 @@ def channel_options(options: Sequence[Option] | None, address: Address) -> tuple
         merged.append(("grpc.max_reconnect_backoff_ms", _MAX_RECONNECT_BACKOFF_MS))
     if "grpc.service_config" not in given:
         merged.append(("grpc.service_config", _BACKEND_SERVICE_CONFIG))
-    return tuple(with_reconnecting_policy(option) for option in merged)
+    merged = [with_reconnecting_policy(option) for option in merged]
+    if health_check_service is not None:
+        merged = [with_health_check(option, health_check_service) for option in merged]
+    return tuple(merged)
+
+
+def with_health_check(option: Option, service: str) -> Option:
+    """A backend channel's grpc.service_config, with C-core health checking of
+    ``service`` unless the user's config has a healthCheckConfig of its own."""
+    name, value = option
+    if name != "grpc.service_config":
+        return option
+    config = json.loads(value)
+    if _HEALTH_CHECK_CONFIG in config:
+        return option
+    return name, json.dumps({**config, _HEALTH_CHECK_CONFIG: {"serviceName": service}})
 
 
 def with_reconnecting_policy(option: Option) -> Option:

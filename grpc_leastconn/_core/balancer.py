@@ -69,6 +69,7 @@ class Balancer(Generic[ChannelT]):
         tie_break: TieBreak = "round_robin",
         rng: random.Random | None = None,
         health_checking: bool = True,
+        initial_health: Health | None = None,
         drain_timeout: float | None = None,
         clock: Clock = time.monotonic,
         observer: Observer | None = None,
@@ -134,7 +135,11 @@ class Balancer(Generic[ChannelT]):
         self._backends: dict[Address, Backend[ChannelT]] = {}
         # Removed from the address set, with RPCs still running: no new picks.
         self._draining: dict[Backend[ChannelT], None] = {}
-        self._initial_health = Health.PENDING if health_checking else Health.DISABLED
+        # A new backend's health: PENDING until its Watch answers, DISABLED
+        # with checking off, or as given (CHANNEL: its backend channel checks).
+        if initial_health is None:
+            initial_health = Health.PENDING if health_checking else Health.DISABLED
+        self._initial_health = initial_health
         self._drain_timeout = drain_timeout
         self.closed = False
 

@@ -52,10 +52,16 @@ class Foundation(Generic[ChannelT]):
         self.reads_load = settings.server_load
 
     def _watches(self, backend: Backend[ChannelT]) -> list[WatchSpec]:
-        """The streams a backend channel keeps watching: health, load reports."""
+        """The streams a backend channel keeps watching: health, load reports.
+
+        With health_checker="grpc" there is no health stream of ours: the
+        backend channel checks health itself (``_spec``), and the load report
+        stream (server_load=True) is then the only one.
+        """
         settings = self.settings
         watches = []
-        if settings.health_check_service is not None:
+        # health_checker="grpc": the backend channel checks (see _spec).
+        if settings.health_check_service is not None and settings.watches_health:
             watches.append(
                 health_watch(
                     settings.health_check_service,
@@ -82,7 +88,11 @@ class Foundation(Generic[ChannelT]):
     def _spec(self, backend: Backend[ChannelT]) -> BackendChannelSpec:
         settings = self.settings
         return backend_channel_spec(
-            backend.address, settings.options, settings.credentials, settings.compression
+            backend.address,
+            settings.options,
+            settings.credentials,
+            settings.compression,
+            settings.channel_health_service,
         )
 
     def on_error(self, backend: Backend[ChannelT], error: str) -> None:

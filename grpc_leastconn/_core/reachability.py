@@ -12,7 +12,7 @@ from typing import Any
 
 import grpc
 
-from .backend import Backend
+from .backend import Backend, Health
 
 log = logging.getLogger("grpc_leastconn")
 
@@ -24,21 +24,26 @@ def log_reachability(
     backend: Backend[Any], state: grpc.ChannelConnectivity, target: str, clock: Callable[[], float]
 ) -> None:
     """Log ``backend``'s new connectivity ``state`` if it crosses reachable/unreachable."""
+    # With health_checker="grpc" the backend channel's TRANSIENT_FAILURE may as
+    # well mean NOT_SERVING: C-core does not say which.
+    checked = backend.health is Health.CHANNEL
     if state is _READY:
         backend.was_ready = True
         if backend.unreachable_since is not None:
             log.info(
-                "backend %s of %r is reachable again after %.1f s",
+                "backend %s of %r is %s again after %.1f s",
                 backend.key,
                 target,
+                "reachable and serving" if checked else "reachable",
                 clock() - backend.unreachable_since,
             )
             backend.unreachable_since = None
     elif state is _TRANSIENT_FAILURE and backend.was_ready and backend.unreachable_since is None:
         backend.unreachable_since = clock()
         log.warning(
-            "backend %s of %r is unreachable (last error: %s)",
+            "backend %s of %r is %s (last error: %s)",
             backend.key,
             target,
+            "unreachable or not serving" if checked else "unreachable",
             backend.last_error or "none seen",
         )

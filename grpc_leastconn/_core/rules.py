@@ -43,6 +43,7 @@ def make_balancer(settings: Settings, seams: Seams) -> Balancer[Any]:
         tie_break=settings.tie_break,
         rng=settings.rng,
         health_checking=settings.health_checking,
+        initial_health=settings.initial_health,
         drain_timeout=settings.drain_timeout,
         clock=seams.clock,
         observer=seams.observer,

@@ -12,10 +12,11 @@ import math
 import random
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import grpc
 
+from .backend import Health
 from .backend_options import Option, with_reconnecting_policy
 from .failures import DEFAULT_FAILURE_CODES, check_failure_codes
 from .outlier import OutlierDetection
@@ -32,6 +33,13 @@ Options = Sequence[Option] | None
 DEFAULT_TIE_BREAK: TieBreak = "youngest"
 # "" asks about the whole server (grpc.health.v1 convention).
 DEFAULT_HEALTH_CHECK_SERVICE = ""
+# Who checks health: "watch", our own grpc.health.v1 Watch per backend (it
+# tells why a backend is out), or "grpc", C-core's client-side health
+# checking inside each backend channel (no Python thread or task per
+# backend for it; READY then means serving).
+HealthChecker = Literal["watch", "grpc"]
+HEALTH_CHECKERS: tuple[HealthChecker, ...] = ("watch", "grpc")
+DEFAULT_HEALTH_CHECKER: HealthChecker = "watch"
 DEFAULT_RESOLVE_MIN_INTERVAL = 1.0
 DEFAULT_RESOLVE_MAX_INTERVAL = 30.0
 # Long enough for typical streams to end by themselves after a backend
@@ -46,6 +54,9 @@ class Tuning(TypedDict, total=False):
     """Among backends with the same count: "round_robin", "youngest" or "random"."""
     health_check_service: str | None
     """grpc.health.v1 service watched on every backend; "" the whole server, None off."""
+    health_checker: HealthChecker
+    """Who checks it: "watch" (our Watch stream, says why) or "grpc" (C-core's, in each
+    backend channel: no thread or task per backend). Ignored with health checking off."""
     resolve_min_interval: float
     """Seconds: DNS is asked again at most this often."""
     resolve_max_interval: float
@@ -84,6 +95,7 @@ class Settings:
     tie_break: TieBreak
     rng: random.Random | None
     health_check_service: str | None
+    health_checker: HealthChecker
     resolve_min_interval: float
     resolve_max_interval: float
     drain_timeout: float | None
@@ -109,6 +121,24 @@ class Settings:
     @property
     def health_checking(self) -> bool:
         return self.health_check_service is not None
+
+    @property
+    def watches_health(self) -> bool:
+        """Whether each backend gets our own grpc.health.v1 Watch stream."""
+        return self.health_checking and self.health_checker == "watch"
+
+    @property
+    def channel_health_service(self) -> str | None:
+        """The service C-core's health checking asks about in each backend channel
+        (health_checker="grpc"); None: the backend channels do not check."""
+        return self.health_check_service if self.health_checker == "grpc" else None
+
+    @property
+    def initial_health(self) -> Health:
+        """A new backend's health, until (with a Watch) its first answer."""
+        if not self.health_checking:
+            return Health.DISABLED
+        return Health.PENDING if self.health_checker == "watch" else Health.CHANNEL
 
 
 def make_settings(
@@ -139,6 +169,14 @@ def make_settings(
         raise TypeError(
             "health_check_service must be a str ('' = whole server) or None (off), "
             f"not {type(health_check_service).__name__}"
+        )
+    health_checker = tuning.get("health_checker", DEFAULT_HEALTH_CHECKER)
+    if not isinstance(health_checker, str):
+        raise TypeError(f"health_checker must be a str, not {type(health_checker).__name__}")
+    if health_checker not in HEALTH_CHECKERS:
+        raise ValueError(
+            f"health_checker must be one of {', '.join(map(repr, HEALTH_CHECKERS))}; "
+            f"got {health_checker!r}"
         )
     min_interval = _seconds(
         "resolve_min_interval",
@@ -177,6 +215,7 @@ def make_settings(
         tie_break=tie_break,
         rng=rng,
         health_check_service=health_check_service,
+        health_checker=health_checker,
         resolve_min_interval=min_interval,
         resolve_max_interval=max_interval,
         drain_timeout=drain,
