@@ -4,11 +4,16 @@ Everything runs on the event loop that built the channel: picks, releases,
 connectivity and health reports, the answers of re-resolution. One thread,
 and no await between reading the balancer and changing it, so the balancer
 needs no lock.
+
+Backend channels are opened by a short-lived opener task, a batch per turn
+of the loop, so that neither the factory nor a re-resolution holds the loop
+for them all; a backend counts as connecting until its channel reports.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,6 +43,9 @@ Interceptors = Sequence[grpc.aio.ClientInterceptor] | None
 _SHUTDOWN = grpc.ChannelConnectivity.SHUTDOWN
 # grpc.aio's own words for this case, so callers see the same text.
 CLOSED_DETAILS = "Channel is closed."
+# Backend channels the opener task opens per turn of the event loop: each
+# takes a fraction of a millisecond, so a batch holds the loop a few ms.
+_OPEN_BATCH = 32
 
 
 class Closed(Exception):
@@ -86,6 +94,10 @@ class Core(Foundation[BackendChannel]):
         # Backend channels being closed; the loop keeps only weak references to tasks.
         self._closing: set[asyncio.Task[None]] = set()
         self._timer: Timer | None = None
+        # Backends whose channels are still to open, and the task opening
+        # them (None: none is running).
+        self._to_open: collections.deque[_Backend] = collections.deque()
+        self._opener: asyncio.Task[None] | None = None
         observe(self._balancer, settings.meter_provider)
         if seams.observer is not None:
             seams.observer.on_attach(self)
@@ -97,11 +109,31 @@ class Core(Foundation[BackendChannel]):
         if self._balancer.closed:
             return
         change = self._balancer.set_addresses(addresses)
-        for backend in change.added:
-            self._open(backend)
+        if change.added:
+            # Opened by a task, a batch per turn of the loop (the factory
+            # returns at once); until a backend's channel reports, it counts
+            # as connecting, so calls wait for it as during any start-up.
+            self._to_open.extend(change.added)
+            if self._opener is None:
+                self._opener = self.loop.create_task(
+                    self._open_queued(), name=f"grpc_leastconn opener {self.target}"
+                )
         for backend in change.to_close:
             self._close_channel(backend)
         self._notify()
+
+    async def _open_queued(self) -> None:
+        """The opener task: open the queued backends' channels, then end."""
+        try:
+            while self._to_open and not self._balancer.closed:
+                for _ in range(min(_OPEN_BATCH, len(self._to_open))):
+                    backend = self._to_open.popleft()
+                    if not backend.removed:
+                        self._open(backend)
+                # Calls, and the reports of the channels just opened, go on meanwhile.
+                await asyncio.sleep(0)
+        finally:
+            self._opener = None
 
     def _open(self, backend: _Backend) -> None:
         backend.channel = BackendChannel(
@@ -266,11 +298,14 @@ class Core(Foundation[BackendChannel]):
         if self._balancer.closed:
             return
         backends = self._balancer.close()
+        self._to_open.clear()
+        opener = () if self._opener is None else (self._opener,)
         self._notify()
         if self._timer is not None:
             self._timer.stop()
         channels = [self._retire(b, grace) for b in backends if b.channel is not None]
-        await asyncio.gather(*channels, *self._closing)
+        # The opener opens nothing more once closed; it ends at its next turn.
+        await asyncio.gather(*channels, *self._closing, *opener)
 
     def __del__(self) -> None:
         # Dropped without close(): close the backend channels on the loop, or

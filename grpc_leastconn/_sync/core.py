@@ -2,13 +2,20 @@
 
 One lock guards the balancer, held only to pick, to release and to apply an
 event (microseconds, no I/O). Events arrive on grpcio's threads
-(connectivity), on each backend's health thread, and on the timer's
-resolution thread; grpcio's connectivity subscribers are called on one
-delivery thread of ours, in order, outside the lock.
+(connectivity), on each backend's health thread (health_checker="watch"),
+and on the timer's resolution thread; grpcio's connectivity subscribers are
+called on one delivery thread of ours, in order, outside the lock.
+
+Backend channels are opened by a short-lived opener thread, one after the
+other, so that neither the factory nor a re-resolution waits for them all;
+a backend counts as connecting until its channel reports. Closing stops
+every backend channel's watching first, then closes them one by one: see
+_close_channels.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import queue
 import sys
@@ -51,6 +58,10 @@ class Core(Foundation[BackendChannel]):
         self._deliveries: _Deliveries | None = None
         # Set before any backend channel exists: their reports read it.
         self._timer: Timer | None = None
+        # Backends whose channels are still to open, and the thread opening
+        # them (None: none is running).
+        self._to_open: collections.deque[_Backend] = collections.deque()
+        self._opener: threading.Thread | None = None
         observe(self._balancer, settings.meter_provider)
         if seams.observer is not None:
             seams.observer.on_attach(self)
@@ -63,31 +74,59 @@ class Core(Foundation[BackendChannel]):
             if self._balancer.closed:
                 return
             change = self._balancer.set_addresses(addresses)
-            for backend in change.added:
-                self._open(backend)
+            if change.added:
+                # Opened off the caller's thread (the factory returns at
+                # once); until a backend's channel reports, it counts as
+                # connecting, so calls wait for it as during any start-up.
+                self._to_open.extend(change.added)
+                if self._opener is None:
+                    self._opener = threading.Thread(
+                        target=self._open_queued,
+                        name=f"grpc_leastconn opener {self.target}",
+                        daemon=True,
+                    )
+                    # Under the lock: close() joins only a started opener.
+                    self._opener.start()
         self._close_channels(change.to_close)
 
-    def _open(self, backend: _Backend) -> None:
-        backend.channel = BackendChannel(
-            self._spec(backend),
-            name=backend.key,
-            watches=self._watches(backend),
-            on_connectivity=Report(self.on_connectivity, backend),
-        )
+    def _open_queued(self) -> None:
+        """The opener thread: open the queued backends' channels, then end."""
+        while True:
+            with self._lock:
+                if self._balancer.closed or not self._to_open:
+                    self._opener = None
+                    return
+                backend = self._to_open.popleft()
+                if backend.removed:
+                    continue
+            channel = BackendChannel(
+                self._spec(backend),
+                name=backend.key,
+                watches=self._watches(backend),
+                on_connectivity=Report(self.on_connectivity, backend),
+            )
+            with self._lock:
+                # Known to its backend before its first report (start()):
+                # an eligible backend always has its channel. Removed or
+                # closed meanwhile: nobody else knows of this channel.
+                keep = not backend.removed
+                if keep:
+                    backend.channel = channel
+            if keep:
+                channel.start()
+            else:
+                channel.close()
 
     @staticmethod
     def _close_channels(backends: Sequence[_Backend]) -> None:
         channels = [backend.channel for backend in backends if backend.channel is not None]
-        if len(channels) == 1:
-            channels[0].close()
-            return
-        # Side by side: each close waits up to 0.2 s for grpcio's connectivity
-        # poller, which would add up over many backends.
-        closers = [threading.Thread(target=channel.close, daemon=True) for channel in channels]
-        for closer in closers:
-            closer.start()
-        for closer in closers:
-            closer.join()
+        # All stop watching first: each close waits for grpcio's connectivity
+        # poller to look again (up to 0.2 s), and stopped together they all
+        # look within the first close's wait; the others then close at once.
+        for channel in channels:
+            channel.stop_watching()
+        for channel in channels:
+            channel.close()
 
     # -- hot path -------------------------------------------------------------
 
@@ -250,6 +289,8 @@ class Core(Foundation[BackendChannel]):
             if self._balancer.closed:
                 return
             backends = self._balancer.close()
+            self._to_open.clear()
+            opener = self._opener
             self._subscribers.clear()
             if self._deliveries is not None:
                 self._deliveries.stop()
@@ -257,6 +298,10 @@ class Core(Foundation[BackendChannel]):
         if self._timer is not None:
             self._timer.stop()
         self._close_channels(backends)
+        # A channel the opener was opening meanwhile it closes itself; once
+        # it has, nothing of this channel is left open.
+        if opener is not None and opener is not threading.current_thread():
+            opener.join()
 
     def __del__(self) -> None:
         # At interpreter exit grpcio's own threads are gone and closing a

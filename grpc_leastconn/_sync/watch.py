@@ -36,8 +36,8 @@ class StreamWatcher:
         self._report = report
         self._on_error = on_error
         self._stopped = threading.Event()
+        # Held to open a stream, so that none opens once stopped.
         self._lock = threading.Lock()
-        self._call: Any = None
         # Set when the backend channel leaves READY: the connection the last
         # stream ran on is gone.
         self._connection_lost = threading.Event()
@@ -61,7 +61,7 @@ class StreamWatcher:
                     return
                 self._connection_lost.clear()
                 self._reconnected.clear()
-                self._call = call = self._open(policy.request)
+                call = self._open(policy.request)
             try:
                 for message in call:
                     self._tell(policy.answered(message))
@@ -96,14 +96,14 @@ class StreamWatcher:
             self._connection_lost.set()
 
     def stop(self) -> None:
+        """Stop watching: the stream ends when its backend channel closes, which follows.
+
+        Not cancelled here: closing the channel cancels it (a wrapped channel's
+        plain iterator too, which has no cancel()), and a cancel would wake
+        this watcher's thread, and grpcio's of the stream, while the closer
+        still has many channels to close.
+        """
         with self._lock:
             self._stopped.set()
             self._connection_lost.set()
             self._reconnected.set()
-            call = self._call
-        # A wrapped backend channel (an interceptor's) may hand back a plain
-        # iterator with no cancel(); closing the backend channel, which
-        # follows, ends the stream all the same.
-        cancel = getattr(call, "cancel", None)
-        if cancel is not None:
-            cancel()
