@@ -134,6 +134,8 @@ def seams() -> Any:
     return types.SimpleNamespace(
         Address=target.Address,
         Balancer=balancer.Balancer,
+        Seams=seams.Seams,
+        open_channel=open_channel,
         FinishedCall=FinishedCall,
         TIE_BREAKS=picker.TIE_BREAKS,
         steps_for=weights.steps_for,

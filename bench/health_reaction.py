@@ -6,6 +6,9 @@ measures how long each client takes to stop (NOT_SERVING) and resume
 
 - watch: a grpc_leastconn channel (one Watch stream per backend, in Python);
   the time until the balancer's eligible set changes.
+- grpc: a grpc_leastconn channel with ``health_checker="grpc"`` (C-core's
+  health checking inside each backend channel, no Watch stream of ours); the
+  time until the balancer's eligible set changes.
 - c-core: a plain grpc channel to the same backend with round_robin and
   ``healthCheckConfig`` in its service config; the time until its
   connectivity state leaves / re-enters READY, as ``subscribe`` reports it.
@@ -78,6 +81,14 @@ def main() -> int:
         _wait(lambda: all(s.eligible for s in channel.backends()))
         threads_watch = _client_threads()
 
+        checked = grpc_leastconn.insecure_channel(target, health_checker="grpc")
+
+        def eligible_checked() -> bool:
+            return any(s.address == subject.address and s.eligible for s in checked.backends())
+
+        _wait(lambda: all(s.eligible for s in checked.backends()))
+        threads_checked = _client_threads()
+
         ccore_channels = [
             grpc.insecure_channel(b.address, options=[("grpc.service_config", C_CORE_HEALTH)])
             for b in backends
@@ -89,16 +100,19 @@ def main() -> int:
         _wait(lambda: state["value"] is grpc.ChannelConnectivity.READY)
         threads_ccore = _client_threads()
 
-        results: dict[str, list[float]] = {k: [] for k in ("watch", "c-core")}
+        results: dict[str, list[float]] = {k: [] for k in ("watch", "grpc", "c-core")}
         for flip in range(args.flips * 2):
             serving = flip % 2 == 1
             flipped = time.perf_counter()
             subject.set_serving(serving)
             _wait(lambda s=serving: eligible() is s)
             watch = time.perf_counter() - flipped
+            _wait(lambda s=serving: eligible_checked() is s)
+            grpc_checker = time.perf_counter() - flipped
             _wait(lambda s=serving: (state["value"] is grpc.ChannelConnectivity.READY) is s)
             ccore = time.perf_counter() - flipped
             results["watch"].append(watch)
+            results["grpc"].append(grpc_checker)
             results["c-core"].append(ccore)
         print(f"{args.flips * 2} flips, {args.backends} backends")
         print(
@@ -106,7 +120,8 @@ def main() -> int:
         )
         per_backend = {
             "watch": (threads_watch - threads_servers) / args.backends,
-            "c-core": (threads_ccore - threads_watch) / args.backends,
+            "grpc": (threads_checked - threads_watch) / args.backends,
+            "c-core": (threads_ccore - threads_checked) / args.backends,
         }
         summary = {}
         for name, samples in results.items():
@@ -123,6 +138,7 @@ def main() -> int:
             }
         print(json.dumps({"threads_before": threads_before, **summary}))
         channel.close()
+        checked.close()
         for ch in ccore_channels:
             ch.close()
     finally:

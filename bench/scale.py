@@ -13,7 +13,12 @@ with ``--client KIND``), so the RSS and thread counts of one measurement are
 not polluted by an earlier one:
 
   sync         grpc_leastconn.insecure_channel("ipv4:p1,p2,...")
+  sync_grpc_health
+               the same with health_checker="grpc": C-core checks health inside each
+               backend channel, no Watch stream of ours
   aio          grpc_leastconn.aio.insecure_channel, on the subprocess's own event loop
+  aio_grpc_health
+               the same with health_checker="grpc"
   round_robin  grpc.insecure_channel with round_robin and health checking, the
                grpcio reference (its ``ipv4:`` target is also its :authority, so at
                large N every call can exceed the metadata limit: reported "n/a")
@@ -45,10 +50,11 @@ Targets: sync adds at most 4 threads for any N (or, failing that, at most 1 per
 backend); at most 100 KiB of RSS per backend for sync and aio (at the largest N);
 first call under 1 s at N=1000 (sync and aio); close under 2 s at N=1000 with
 nothing left behind (sync and aio). Threads added are judged by the OS count,
-which includes the threads C-core starts for the channel.
+which includes the threads C-core starts for the channel. Each target is judged
+for both health checkers (the kinds sync, sync_grpc_health, aio, aio_grpc_health).
 
 Run:  python bench/scale.py [--sizes 10,100,1000] [--window 2.0] [--quick]
-A default run takes about 2-3 minutes (3 kinds x 4 sizes); --quick (sizes 10,100,
+A default run takes about 3-4 minutes (5 kinds x 4 sizes); --quick (sizes 10,100,
 0.5 s windows) well under a minute.
 """
 
@@ -86,7 +92,16 @@ from grpc_health.v1.health import HealthServicer  # noqa: E402
 import grpc_leastconn  # noqa: E402
 import grpc_leastconn.aio  # noqa: E402
 
-KINDS = ("sync", "aio", "round_robin")
+KINDS = ("sync", "sync_grpc_health", "aio", "aio_grpc_health", "round_robin")
+SYNC_KINDS = ("sync", "sync_grpc_health")
+AIO_KINDS = ("aio", "aio_grpc_health")
+# health_checker of each grpc_leastconn kind.
+HEALTH_CHECKER = {
+    "sync": "watch",
+    "sync_grpc_health": "grpc",
+    "aio": "watch",
+    "aio_grpc_health": "grpc",
+}
 BASE_N = 4
 DEFAULT_SIZES = "10,100,1000"
 QUICK_SIZES = "10,100"
@@ -387,8 +402,8 @@ def short(text: str, limit: int = 240) -> str:
 
 
 def make_sync_channel(kind: str, target: str) -> Any:
-    if kind == "sync":
-        return grpc_leastconn.insecure_channel(target)
+    if kind in SYNC_KINDS:
+        return grpc_leastconn.insecure_channel(target, health_checker=HEALTH_CHECKER[kind])
     return grpc.insecure_channel(target, options=[("grpc.service_config", ROUND_ROBIN_CONFIG)])
 
 
@@ -408,7 +423,7 @@ def diagnose_round_robin(target: str, request: Any) -> str:
 def wait_eligible_sync(kind: str, channel: Any, target: str, n: int, t0: float) -> dict[str, Any]:
     deadline = time.monotonic() + ELIGIBLE_TIMEOUT_S
     while True:
-        if kind == "sync":
+        if kind in SYNC_KINDS:
             states = channel.backends()
             count: int | None = sum(s.eligible for s in states)
             done = len(states) == n and count == n
@@ -554,7 +569,7 @@ async def aio_load(
     }
 
 
-async def client_aio(addresses: list[str], args: Any) -> dict[str, Any]:
+async def client_aio(kind: str, addresses: list[str], args: Any) -> dict[str, Any]:
     request = conference_pb2.PingRequest(payload="x")
     n = len(addresses)
     target = "ipv4:" + ",".join(addresses)
@@ -563,17 +578,17 @@ async def client_aio(addresses: list[str], args: Any) -> dict[str, Any]:
     async with grpc.aio.insecure_channel(addresses[0]) as warm:
         stub = conference_pb2_grpc.ConferenceStub(warm)  # type: ignore[no-untyped-call]
         await stub.Ping(request, timeout=CALL_TIMEOUT_S, wait_for_ready=True)
-        return await measure_aio(target, n, request, args)
+        return await measure_aio(kind, target, n, request, args)
 
 
-async def measure_aio(target: str, n: int, request: Any, args: Any) -> dict[str, Any]:
+async def measure_aio(kind: str, target: str, n: int, request: Any, args: Any) -> dict[str, Any]:
     await asyncio.sleep(0.2)
     tasks = asyncio.all_tasks()
     baseline = Baseline(len(tasks), tasks)
     del tasks
-    out: dict[str, Any] = {"kind": "aio", "n": n, "before": baseline.state}
+    out: dict[str, Any] = {"kind": kind, "n": n, "before": baseline.state}
     t0 = time.perf_counter()
-    channel = grpc_leastconn.aio.insecure_channel(target)
+    channel = grpc_leastconn.aio.insecure_channel(target, health_checker=HEALTH_CHECKER[kind])
     out["factory_s"] = round(time.perf_counter() - t0, 4)
     try:
         stub = conference_pb2_grpc.ConferenceStub(channel)  # type: ignore[no-untyped-call]
@@ -617,8 +632,8 @@ def client_main(kind: str, ports: list[int], args: Any) -> int:
     # Whatever happens, this process ends itself: the default action of SIGALRM.
     signal.alarm(int(CLIENT_BOUND_S + args.warmup + args.window))
     addresses = [f"127.0.0.1:{port}" for port in ports]
-    if kind == "aio":
-        result = asyncio.run(client_aio(addresses, args))
+    if kind in AIO_KINDS:
+        result = asyncio.run(client_aio(kind, addresses, args))
     else:
         result = client_sync(kind, addresses, args)
     print(json.dumps(result), flush=True)
@@ -682,7 +697,7 @@ def fmt(value: Any, spec: str = "", none: str = "n/a") -> str:
 
 
 def progress(r: dict[str, Any]) -> str:
-    head = f"   {r['kind']:<11} N={r['n']:<5}"
+    head = f"   {r['kind']:<16} N={r['n']:<5}"
     if "error" in r:
         return f"{head} ERROR {r['error']}"
     if "first_call_error" in r:
@@ -907,23 +922,25 @@ def evaluate(
     def word(ok: bool | None) -> str:
         return "n/a" if ok is None else ("met" if ok else "MISSED")
 
-    sync = results["sync"]
-    added = {n: sync[n].get("os_threads_added") for n in all_n}
-    known = {n: a for n, a in added.items() if a is not None}
-    total_ok = all(a <= TARGET_SYNC_THREADS_TOTAL for a in known.values()) if known else None
-    per_ok = (
-        all(a / n <= TARGET_SYNC_THREADS_PER_BACKEND for n, a in known.items()) if known else None
-    )
-    met["sync_threads_total"] = total_ok
-    met["sync_threads_per_backend"] = per_ok
-    shown = ", ".join(f"N={n}: {a:+d}" for n, a in known.items())
-    lines.append(
-        f"sync threads added (OS count) at most {TARGET_SYNC_THREADS_TOTAL} for any N: "
-        f"{word(total_ok)}; at most {TARGET_SYNC_THREADS_PER_BACKEND:g} per backend: "
-        f"{word(per_ok)}  ({shown})"
-    )
+    for kind in SYNC_KINDS:
+        added = {n: results[kind][n].get("os_threads_added") for n in all_n}
+        known = {n: a for n, a in added.items() if a is not None}
+        total_ok = all(a <= TARGET_SYNC_THREADS_TOTAL for a in known.values()) if known else None
+        per_ok = (
+            all(a / n <= TARGET_SYNC_THREADS_PER_BACKEND for n, a in known.items())
+            if known
+            else None
+        )
+        met[f"{kind}_threads_total"] = total_ok
+        met[f"{kind}_threads_per_backend"] = per_ok
+        shown = ", ".join(f"N={n}: {a:+d}" for n, a in known.items())
+        lines.append(
+            f"{kind} threads added (OS count) at most {TARGET_SYNC_THREADS_TOTAL} for any N: "
+            f"{word(total_ok)}; at most {TARGET_SYNC_THREADS_PER_BACKEND:g} per backend: "
+            f"{word(per_ok)}  ({shown})"
+        )
     biggest = max(sizes)
-    for kind in ("sync", "aio"):
+    for kind in (*SYNC_KINDS, *AIO_KINDS):
         kib = results[kind][biggest].get("kib_per_backend")
         ok = None if kib is None else kib <= TARGET_KIB_PER_BACKEND
         met[f"{kind}_memory"] = ok
@@ -931,7 +948,7 @@ def evaluate(
             f"{kind} memory <= {TARGET_KIB_PER_BACKEND:g} KiB per backend at N={biggest}: "
             f"{word(ok)}  ({fmt(kib, '.1f')} KiB)"
         )
-    for kind in ("sync", "aio"):
+    for kind in (*SYNC_KINDS, *AIO_KINDS):
         first = results[kind][at_n].get("first_call_s")
         ok = None if first is None else first < TARGET_FIRST_CALL_S
         met[f"{kind}_first_call"] = ok
@@ -939,7 +956,7 @@ def evaluate(
             f"{kind} first call < {TARGET_FIRST_CALL_S:g} s at N={at_n}{note}: {word(ok)}  "
             f"({fmt(first, '.3f')} s)"
         )
-    for kind in ("sync", "aio"):
+    for kind in (*SYNC_KINDS, *AIO_KINDS):
         r = results[kind][at_n]
         close_s = r.get("close_s")
         after = r.get("after_close")
