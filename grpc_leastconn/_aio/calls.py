@@ -104,7 +104,7 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
     # Backends this RPC never reached; built at the first re-pick.
     _failed: list[_Backend] | None = None
     # The first attempt's backend and call, released while a coroutine
-    # awaited it: the awaiter judges how it ended (see _release_first).
+    # awaited it: the awaiter judges how it ended (see _first_attempt_ended).
     _unjudged: tuple[_Backend, Any] | None = None
     _done_callbacks: list[Callable[[Any], None]] | None = None
 
@@ -135,16 +135,23 @@ class UnaryUnaryCall(Rpc, _Call, grpc.aio.UnaryUnaryCall[Any, Any]):
             await asyncio.shield(self._ending)
         return self.call
 
-    def _release_first(self, backend: _Backend, call: Any) -> None:
-        core = self._core
-        if self._awaiting and not core.reads_load:
-            # Its awaiter resumes with the response or the error: the outcome
-            # is judged there, for free, rather than read from the call here
-            # (the first read of a grpc.aio call's status costs microseconds).
-            core.release(backend, None, self._cost)
-            self._unjudged = (backend, call)
-        else:
-            core.release_call(backend, call, self._cost)
+    def _first_attempt_ended(self, call: Any) -> None:
+        backend, self._first_backend = self._first_backend, None
+        awaiting = self._awaiting
+        if backend is not None:
+            core = self._core
+            if awaiting and not core.reads_load:
+                # Its awaiter resumes with the response or the error: the outcome
+                # is judged there, for free, rather than read from the call here
+                # (the first read of a grpc.aio call's status costs microseconds).
+                core.release(backend, None, self._cost)
+                self._unjudged = (backend, call)
+            else:
+                core.release_call(backend, call, self._cost)
+        # While a coroutine awaits the call, it decides whether this attempt
+        # was the last: it resumes, whatever the attempt's end.
+        if not awaiting:
+            self._finish()
 
     def _judge(self, call: Any, error: grpc.aio.AioRpcError | None) -> None:
         unjudged = self._unjudged

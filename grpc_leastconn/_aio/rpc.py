@@ -45,6 +45,10 @@ class Stage(Enum):
     CANCELLED = "cancelled"
     FINISHED = "finished"
 
+    # Members are singletons, so identity hashes them; Enum's own __hash__ is
+    # a Python call, paid by every ``stage in {...}`` on the hot path.
+    __hash__ = object.__hash__
+
 
 _PICKING = Stage.PICKING
 _SENT = Stage.SENT
@@ -261,17 +265,12 @@ class Rpc:
     # -- attempts ending ----------------------------------------------------------
 
     def _first_attempt_ended(self, call: Any) -> None:
+        """The first attempt's done callback: release it with its status
+        (UnaryUnaryCall's own version lets its awaiter judge it)."""
         backend, self._first_backend = self._first_backend, None
         if backend is not None:
-            self._release_first(backend, call)
-        # While a coroutine awaits the call, it decides whether this attempt
-        # was the last: it resumes, whatever the attempt's end.
-        if not self._awaiting:
-            self._attempt_ended(call)
-
-    def _release_first(self, backend: _Backend, call: Any) -> None:
-        """Release the first attempt with its status (UnaryUnaryCall may judge it later)."""
-        self._core.release_call(backend, call, self._cost)
+            self._core.release_call(backend, call, self._cost)
+        self._attempt_ended(call)
 
     def _attempt_ended(self, call: Any) -> None:
         """An attempt ended while nobody awaits (or, with None, the RPC ended early)."""
