@@ -28,3 +28,10 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/balance.py
 	$(BIN)/python bench/aio_overhead.py
 	$(BIN)/python bench/aio_balance.py
+	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/fail_fast.py
+	$(BIN)/python bench/weighted.py
+	$(BIN)/python bench/metrics_overhead.py
+	$(BIN)/python bench/health_reaction.py
+	$(BIN)/python bench/scale.py
+	$(BIN)/python bench/many_clients.py
