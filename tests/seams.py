@@ -15,6 +15,7 @@ from grpc_leastconn._core import (
     balancer,
     errors,
     failures,
+    foundation,
     health,
     maintenance,
     outlier,
@@ -44,6 +45,8 @@ DEFAULT_FAILURE_CODES = failures.DEFAULT_FAILURE_CODES
 FORGET = failures.FORGET
 FailurePenalty = failures.FailurePenalty
 FailurePercentageEjection = outlier.FailurePercentageEjection
+Foundation = foundation.Foundation
+HEALTH_WATCH = health.HEALTH_WATCH
 Health = backend.Health
 LeastConnPicker = picker.LeastConnPicker
 MaintenancePlan = maintenance.MaintenancePlan
@@ -93,6 +96,7 @@ __all__ = [
     "DECAY_S",
     "DEFAULT_FAILURE_CODES",
     "FORGET",
+    "HEALTH_WATCH",
     "MAX_DECAY_S",
     "MIN_CALL_COST",
     "REFRESH_S",
@@ -110,6 +114,7 @@ __all__ = [
     "FailurePenalty",
     "FailurePercentageEjection",
     "FinishedCall",
+    "Foundation",
     "Health",
     "LeastConnPicker",
     "MaintenancePlan",

@@ -24,18 +24,13 @@ from aio_support import eventually, run
 from grpc_health.v1 import health_pb2
 from helpers import BackendFactory, all_eligible, state_of, wait_until
 from many_ports import ManyPorts, client_threads
+from seams import HEALTH_WATCH, Address, Foundation, Seams, channel_options, make_settings
+from seams import Backend as CoreBackend
 from server import SERVICE_NAME, Backend
 
 import grpc_leastconn
 import grpc_leastconn.aio
 from grpc_leastconn import Health
-from grpc_leastconn._core.backend import Backend as CoreBackend
-from grpc_leastconn._core.backend_options import channel_options
-from grpc_leastconn._core.foundation import Foundation
-from grpc_leastconn._core.health import HEALTH_WATCH
-from grpc_leastconn._core.seams import Seams
-from grpc_leastconn._core.settings import make_settings
-from grpc_leastconn._core.target import Address
 
 RPC_TIMEOUT = 5.0
 # The promises under test: as with the Watch (test_health.py).
