@@ -31,6 +31,7 @@ from grpc_leastconn._core import (
     weights,
 )
 from grpc_leastconn._sync.channel import open_channel
+from grpc_leastconn._sync.core import MANY_WATCHED_BACKENDS
 from grpc_leastconn._sync.failed import FailedCall
 
 Address = target.Address
@@ -97,6 +98,7 @@ __all__ = [
     "DEFAULT_FAILURE_CODES",
     "FORGET",
     "HEALTH_WATCH",
+    "MANY_WATCHED_BACKENDS",
     "MAX_DECAY_S",
     "MIN_CALL_COST",
     "REFRESH_S",

@@ -11,8 +11,10 @@ thread, task or connection behind. bench/scale.py measures the same at up to
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import conference_pb2 as pb
 import conference_pb2_grpc
@@ -20,6 +22,9 @@ import pytest
 from aio_support import eventually, run
 from helpers import all_eligible, observed_aio_channel, observed_channel, wait_until
 from many_ports import ManyPorts, client_threads
+from seams import MANY_WATCHED_BACKENDS
+
+import grpc_leastconn
 
 RPC_TIMEOUT = 10.0
 CLOSE_N = 50
@@ -123,6 +128,27 @@ def test_sync_close_while_backends_are_still_opening(open_server: ManyPorts) -> 
     wait_until(lambda: open_server.client_connections() == 0, timeout=SETTLE_S)
     wait_until(lambda: len(client_threads()) <= before, timeout=SETTLE_S)
     assert not any(t.name.startswith("grpc_leastconn") for t in client_threads())
+
+
+@pytest.mark.parametrize(
+    ("tuning", "warned"),
+    [({}, True), ({"health_checker": "grpc"}, False), ({"health_check_service": None}, False)],
+)
+def test_sync_says_once_when_many_backends_each_cost_three_threads(
+    open_server: ManyPorts,
+    caplog: pytest.LogCaptureFixture,
+    tuning: dict[str, Any],
+    warned: bool,
+) -> None:
+    assert OPEN_N > MANY_WATCHED_BACKENDS
+    with caplog.at_level(logging.WARNING, logger="grpc_leastconn"):
+        grpc_leastconn.insecure_channel(open_server.target, **tuning).close()
+    said = [r for r in caplog.records if "health_checker='grpc'" in r.getMessage()]
+    assert len(said) == (1 if warned else 0)
+    if warned:
+        assert said[0].levelno == logging.WARNING
+        assert f"{OPEN_N} backends" in said[0].getMessage()
+    wait_until(lambda: open_server.client_connections() == 0, timeout=SETTLE_S)
 
 
 # -- asyncio ---------------------------------------------------------------------------

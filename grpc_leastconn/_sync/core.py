@@ -42,6 +42,10 @@ from .maintenance import Timer
 
 _Backend = Backend[BackendChannel]
 _Subscriber = Callable[[grpc.ChannelConnectivity], None]
+# With our Watch, a backend costs three threads (grpcio's connectivity poller,
+# its call thread for the stream, our reader); C-core's health checking leaves
+# the poller only. Past this many backends, say so once.
+MANY_WATCHED_BACKENDS = 100
 
 
 class Core(Foundation[BackendChannel]):
@@ -62,6 +66,7 @@ class Core(Foundation[BackendChannel]):
         # them (None: none is running).
         self._to_open: collections.deque[_Backend] = collections.deque()
         self._opener: threading.Thread | None = None
+        self._warned_threads = False
         observe(self._balancer, settings.meter_provider)
         if seams.observer is not None:
             seams.observer.on_attach(self)
@@ -74,6 +79,18 @@ class Core(Foundation[BackendChannel]):
             if self._balancer.closed:
                 return
             change = self._balancer.set_addresses(addresses)
+            if (
+                len(addresses) > MANY_WATCHED_BACKENDS
+                and self.settings.watches_health
+                and not self._warned_threads
+            ):
+                self._warned_threads = True
+                log.warning(
+                    "%r has %d backends, each watched by 3 threads "
+                    "(health_checker='watch'); health_checker='grpc' needs one per backend",
+                    self.target,
+                    len(addresses),
+                )
             if change.added:
                 # Opened off the caller's thread (the factory returns at
                 # once); until a backend's channel reports, it counts as
