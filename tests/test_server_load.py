@@ -90,9 +90,16 @@ def test_call_trailers_report_too(load_backends: Any) -> None:
     with grpc_leastconn.insecure_channel([a.address, b.address], server_load=True) as channel:
         wait_until(lambda: all_eligible(channel), timeout=RPC_TIMEOUT)
         stub = conference_pb2_grpc.ConferenceStub(channel)
-        first = [stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT).backend for _ in range(2)]
-        # One Ping to each at most before a's trailer (20 calls) says it is busy.
-        assert a.address in first or b.address in first
+        # Until a's first trailer both look idle, and two random choices
+        # break the tie at random: Ping until a has answered once (each Ping
+        # goes there with probability 1/2, so 40 all missing it is 1e-12).
+        answered = []
+        for _ in range(40):
+            answered.append(stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT).backend)
+            if answered[-1] == a.address:
+                break
+        assert answered[-1] == a.address, answered
+        # That one call's trailer (20 calls) says a is busy: the only report there is.
         wait_until(lambda: state_of(channel, a.address).reported_others >= 19, RPC_TIMEOUT)
         streams = [join(stub) for _ in range(6)]
         assert {backend for _, backend in streams} == {b.address}
@@ -191,8 +198,14 @@ def test_asyncio_trailers_report(load_backends: Any) -> None:
         async with channel:
             await eventually(lambda: all_eligible(channel), timeout=RPC_TIMEOUT)
             stub = conference_pb2_grpc.ConferenceStub(channel)
-            for _ in range(2):
-                await stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
+            # As in the sync test: Ping until a has answered once.
+            answered = []
+            for _ in range(40):
+                reply = await stub.Ping(pb.PingRequest(), timeout=RPC_TIMEOUT)
+                answered.append(reply.backend)
+                if reply.backend == a.address:
+                    break
+            assert answered[-1] == a.address, answered
             await eventually(lambda: state_of(channel, a.address).reported_others >= 19, 5.0)
 
     run(body)
