@@ -1,11 +1,17 @@
-"""Shared by the benchmark scripts: import paths, machine description, output."""
+"""Shared by the benchmark scripts: import paths, machine description, output,
+and the benchmark's own server subprocess."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import select
+import signal
+import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,6 +29,64 @@ def setup_paths() -> None:
     for path in (ROOT, EXAMPLES):
         if str(path) not in sys.path:
             sys.path.insert(0, str(path))
+
+
+# -- the benchmark's server, run as a subprocess of the script ---------------------------
+
+
+def serve_until_stopped() -> None:
+    """Block a server subprocess until SIGTERM or SIGINT, or until EOF on its
+    stdin: the benchmark is gone, however it died."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    def watch_parent() -> None:
+        sys.stdin.read()
+        stop.set()
+
+    threading.Thread(target=watch_parent, daemon=True).start()
+    stop.wait()
+
+
+class ServerProcess:
+    """``script --serve ARGS...`` in a subprocess, ready once it has printed one
+    JSON object (kept as ``ready``); stop() ends that process only, by its PID."""
+
+    def __init__(self, script: str, args: Sequence[str] = (), timeout: float = 30.0) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(script), "--serve", *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        line = self.read_line(timeout)
+        if not line:
+            self.stop()
+            raise RuntimeError(f"the benchmark server did not start within {timeout:.0f} s")
+        self.ready: dict[str, Any] = json.loads(line)
+
+    def read_line(self, timeout: float) -> str:
+        """The next line the server prints, "" if none came within ``timeout``."""
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        return self.proc.stdout.readline() if ready else ""
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
+
+
+# -- the machine ---------------------------------------------------------------------------
 
 
 def _cpu_model() -> str:

@@ -78,14 +78,11 @@ from __future__ import annotations
 
 import argparse
 import bisect
-import contextlib
 import json
 import logging
 import os
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -94,7 +91,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, setup_paths, table
+from _common import ServerProcess as BenchServer
+from _common import (
+    load_average,
+    print_machine,
+    print_summary,
+    setup_paths,
+    table,
+)
 
 setup_paths()
 # C-core logs the servers' GOAWAY at INFO when the benchmark ends; keep the output readable.
@@ -182,31 +186,15 @@ def serve() -> int:
     return 0
 
 
-class ServerProcess:
+class ServerProcess(BenchServer):
     """The backends' process; stop() ends that process only, by its PID."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        line = self._read_line(SERVER_START_TIMEOUT_S)
-        if not line:
-            self.stop()
-            raise RuntimeError(
-                f"the benchmark server did not start within {SERVER_START_TIMEOUT_S:.0f} s"
-            )
-        self.addresses: list[str] = json.loads(line)["addresses"]
+        super().__init__(__file__, timeout=SERVER_START_TIMEOUT_S)
+        self.addresses: list[str] = self.ready["addresses"]
         if len(self.addresses) != N_BACKENDS:
             self.stop()
-            raise RuntimeError(f"the benchmark server reported {line.strip()}")
-
-    def _read_line(self, timeout: float) -> str:
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        return self.proc.stdout.readline() if ready else ""
+            raise RuntimeError(f"the benchmark server reported {self.ready}")
 
     def fail_calls(self, backend: int, code: grpc.StatusCode | None, every: int = 1) -> None:
         """``fail_calls`` on one backend; returns once the server has applied it."""
@@ -214,25 +202,12 @@ class ServerProcess:
         command = {"backend": backend, "code": None if code is None else code.name, "every": every}
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
-        line = self._read_line(COMMAND_TIMEOUT_S)
+        line = self.read_line(COMMAND_TIMEOUT_S)
         if not line:
             raise RuntimeError(f"the benchmark server did not answer {command} in time")
         answer = json.loads(line)
         if not answer.get("ok"):
             raise RuntimeError(f"the benchmark server refused {command}: {answer}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
 
 
 # -- the client ------------------------------------------------------------------------

@@ -35,18 +35,24 @@ import argparse
 import gc
 import json
 import os
-import select
 import signal
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, seams, setup_paths, table
+from _common import ServerProcess as BenchServer
+from _common import (
+    load_average,
+    print_machine,
+    print_summary,
+    seams,
+    serve_until_stopped,
+    setup_paths,
+    table,
+)
 
 setup_paths()
 # C-core logs the server's GOAWAY at INFO when the benchmark ends; keep the output readable.
@@ -85,48 +91,17 @@ def serve() -> int:
     port = server.add_insecure_port("127.0.0.1:0")
     server.start()
     print(json.dumps({"address": f"127.0.0.1:{port}"}), flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    def watch_parent() -> None:
-        # EOF on stdin: the benchmark is gone, however it died.
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=watch_parent, daemon=True).start()
-    stop.wait()
+    serve_until_stopped()
     server.stop(None).wait(5)
     return 0
 
 
-class ServerProcess:
-    def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], 30)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError("the benchmark server did not start within 30 s")
-        self.address: str = json.loads(line)["address"]
+class ServerProcess(BenchServer):
+    """The backend's process, at ``address``."""
 
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+    def __init__(self) -> None:
+        super().__init__(__file__)
+        self.address: str = self.ready["address"]
 
 
 # -- the client ---------------------------------------------------------------------

@@ -67,7 +67,6 @@ import gc
 import json
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
@@ -77,7 +76,15 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, setup_paths, table
+from _common import ServerProcess as BenchServer
+from _common import (
+    load_average,
+    print_machine,
+    print_summary,
+    serve_until_stopped,
+    setup_paths,
+    table,
+)
 
 setup_paths()
 # C-core logs the server's GOAWAY at INFO when a client ends; keep the output readable.
@@ -169,55 +176,20 @@ def serve(count: int) -> int:
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     server.start()
     print(json.dumps({"ports": ports}), flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    def watch_parent() -> None:
-        # EOF on stdin: the benchmark is gone, however it died.
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=watch_parent, daemon=True).start()
-    stop.wait()
+    serve_until_stopped()
     server.stop(None).wait(5)
     return 0
 
 
-class ServerProcess:
-    """The backends' process; stop() ends that process only, by its PID."""
+class ServerProcess(BenchServer):
+    """The backends' process, listening on ``ports``."""
 
     def __init__(self, count: int) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve", "--count", str(count)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], SERVER_START_TIMEOUT_S)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError(
-                f"the benchmark server did not start within {SERVER_START_TIMEOUT_S:.0f} s"
-            )
-        self.ports: list[int] = json.loads(line)["ports"]
+        super().__init__(__file__, ["--count", str(count)], timeout=SERVER_START_TIMEOUT_S)
+        self.ports: list[int] = self.ready["ports"]
         if len(self.ports) != count:
             self.stop()
-            raise RuntimeError(f"the benchmark server reported {line.strip()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+            raise RuntimeError(f"the benchmark server reported {self.ready}")
 
 
 # -- what a client process measures of itself ------------------------------------------

@@ -51,10 +51,8 @@ import contextlib
 import gc
 import json
 import os
-import select
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
@@ -62,7 +60,15 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, setup_paths, table
+from _common import ServerProcess as BenchServer
+from _common import (
+    load_average,
+    print_machine,
+    print_summary,
+    serve_until_stopped,
+    setup_paths,
+    table,
+)
 
 setup_paths()
 # C-core logs the servers' GOAWAY at INFO when the benchmark ends; keep the output readable.
@@ -134,58 +140,22 @@ def serve() -> int:
         servers.append(server)
         ports.append(port)
     print(json.dumps({"ports": ports}), flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-
-    def watch_parent() -> None:
-        # EOF on stdin: the benchmark is gone, however it died.
-        sys.stdin.read()
-        stop.set()
-
-    threading.Thread(target=watch_parent, daemon=True).start()
-    stop.wait()
+    serve_until_stopped()
     events = [server.stop(None) for server in servers]
     for event in events:
         event.wait(5)
     return 0
 
 
-class ServerProcess:
-    """The backends' process; stop() ends that process only, by its PID."""
+class ServerProcess(BenchServer):
+    """The backends' process, at ``addresses``."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, os.path.abspath(__file__), "--serve"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        ready, _, _ = select.select([self.proc.stdout], [], [], SERVER_START_TIMEOUT_S)
-        line = self.proc.stdout.readline() if ready else ""
-        if not line:
-            self.stop()
-            raise RuntimeError(
-                f"the benchmark server did not start within {SERVER_START_TIMEOUT_S:.0f} s"
-            )
-        ports = json.loads(line)["ports"]
-        self.addresses: list[str] = [f"127.0.0.1:{port}" for port in ports]
+        super().__init__(__file__, timeout=SERVER_START_TIMEOUT_S)
+        self.addresses: list[str] = [f"127.0.0.1:{port}" for port in self.ready["ports"]]
         if len(self.addresses) != N_BACKENDS:
             self.stop()
-            raise RuntimeError(f"the benchmark server reported {line.strip()}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            if pipe is not None:
-                pipe.close()
+            raise RuntimeError(f"the benchmark server reported {self.ready}")
 
 
 # -- shared by both parts --------------------------------------------------------------
