@@ -3,6 +3,7 @@ and the benchmark's own server subprocess."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -84,6 +85,17 @@ class ServerProcess:
             if pipe is not None:
                 with contextlib.suppress(OSError):
                     pipe.close()
+
+
+def parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
+    """An argparse type: a comma-separated, non-empty subset of ``allowed``."""
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(
+            f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}"
+        )
+    return items
 
 
 # -- the machine ---------------------------------------------------------------------------

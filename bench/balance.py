@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import print_machine, print_summary, setup_paths, table
+from _common import parse_list, print_machine, print_summary, setup_paths, table
 
 setup_paths()
 
@@ -465,16 +465,6 @@ def report(
             f"{seed['worst_max_spread']} <= {TARGET_MAX}: {'met' if met else 'MISSED'}"
         )
     return results, all_met
-
-
-def parse_list(value: str, allowed: tuple[str, ...], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}"
-        )
-    return items
 
 
 def parse_args(description: str, policies: tuple[str, ...], default: tuple[str, ...]) -> Any:

@@ -98,7 +98,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from _common import load_average, print_machine, print_summary, seams, setup_paths, table
+from _common import (
+    load_average,
+    parse_list,
+    print_machine,
+    print_summary,
+    seams,
+    setup_paths,
+    table,
+)
 
 setup_paths()
 # C-core logs the servers' GOAWAY at INFO when the backends stop; keep the output readable.
@@ -932,16 +940,6 @@ def hot_path(rounds: int, block_s: float, threads: int) -> dict[str, Any]:
 
 
 # -- main --------------------------------------------------------------------------------
-
-
-def parse_list(value: str, allowed: Sequence[str], what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in allowed]
-    if bad or not items:
-        raise argparse.ArgumentTypeError(
-            f"unknown {what} {', '.join(bad) or '(none)'}; choose from {', '.join(allowed)}"
-        )
-    return items
 
 
 def parse_counts(value: str) -> list[int]:
